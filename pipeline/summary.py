@@ -1,0 +1,52 @@
+"""The closing lines of `make repro`: true vs learned vs closed-form parameters, and where the MLflow run is."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline import cli, config, tracking
+from pipeline.io import md5_file
+
+UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the MLflow UI
+
+
+def table(m: dict[str, Any]) -> str:
+    rows = [f"{'':8}{'true':>12}{'learned':>14}{'closed form':>14}{'|learned - closed|':>20}"]
+    for name in ("weight", "bias"):
+        v = m[name]
+        gap = m["optimisation_gap"][name]
+        rows.append(f"{name:8}{v['true']:>12.6f}{v['learned']:>14.6f}{v['closed_form']:>14.6f}{gap:>20.3g}")
+    s = m["statistical_error"]
+    rows.append(f"|closed-form weight - true| = {s['weight']:.4g}  (OLS slope standard error {s['weight_se']:.4g})")
+    t = m["test"]
+    rows.append(f"test MSE: learned {t['mse_learned']:.6g}, closed form {t['mse_closed_form']:.6g}")
+    return "\n".join(rows)
+
+
+def summarise(args: argparse.Namespace) -> None:
+    paths = config.dvc_paths(args.dvc_yaml)
+    cfg = config.load(args.params)
+    metrics = json.loads(Path(paths["metrics"]).read_text())
+    print(table(metrics))
+    tracker = tracking.connect(cfg.tracking.experiment)
+    run_id = tracker.find_run(md5_file(paths["model"]))
+    if run_id is None:
+        print(f"MLflow: no run for this model in {tracker.uri}")
+        return
+    print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {tracker.uri}")
+    print(f"browse it: make ui, then {UI_URL}/#/experiments/{tracker.experiment_id}/runs/{run_id}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = cli.parser(__doc__ or "")
+    p.add_argument("--dvc-yaml", default="dvc.yaml", help="pipeline file whose `paths` name the outputs")
+    return cli.run("summary", summarise, p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
