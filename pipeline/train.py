@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Sequence
@@ -10,7 +11,18 @@ from collections.abc import Sequence
 import torch
 
 from pipeline import cli, config, data, loop, tracking
-from pipeline.io import md5_file, write_atomic
+from pipeline.io import md5_file, write_atomic, write_bytes_atomic
+
+
+def state_dict_bytes(model: torch.nn.Module) -> bytes:
+    """The model's state_dict as torch.save bytes, identical for identical weights.
+
+    Saved through a buffer: given a path, torch.save names the archive's inner folder after the file, and
+    the atomic write's temporary name is random.
+    """
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue()
 
 
 def train(args: argparse.Namespace) -> None:
@@ -37,7 +49,7 @@ def train(args: argparse.Namespace) -> None:
         for row in traj.frame().iloc[shown].itertuples():
             cli.log.info("epoch %5d  loss %.6g  weight %.6f  bias %.6f", row.epoch, row.loss, row.weight, row.bias)
 
-        write_atomic(args.model, lambda tmp: torch.save(model.state_dict(), tmp))
+        write_bytes_atomic(args.model, state_dict_bytes(model))
         write_atomic(args.trajectory, lambda tmp: traj.frame().to_csv(tmp, index=False, lineterminator="\n"))
 
         steps = traj.epochs

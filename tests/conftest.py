@@ -1,0 +1,72 @@
+"""Shared fixtures: small configs for unit tests, and a disposable copy of the repository for end-to-end runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg() -> config.Config:
+    """The project's own params.yaml, validated: unit tests start from the defaults a user gets."""
+    return config.load(REPO / "params.yaml")
+
+
+def pipeline_env(**extra: str) -> dict[str, str]:
+    """Environment for running DVC in a copy: this venv first on PATH, no outside MLflow or DVC settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env |= {
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.invalid",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    }
+    return env | extra
+
+
+def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(cmd, cwd=cwd, env=env or pipeline_env(), capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def copy_repo(dest: Path) -> Path:
+    """The working tree's tracked and untracked-but-not-ignored files, committed in a fresh git repository.
+
+    Outputs, the DVC cache, .venv and the MLflow store are ignored, so the copy starts as a fresh clone does.
+    """
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    sh(dest, "git", "init", "-q", "-b", "main")
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-q", "-m", "copy for test")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh copy of the repository after one `dvc repro`, with its own MLflow store under mlruns/."""
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    sh(repo, "dvc", "repro")
+    return repo

@@ -1,0 +1,104 @@
+"""The pipeline as users run it: `dvc repro` in a fresh copy of the repository, checked from its outputs.
+
+These are the CI assertions: the learned weight is within a noise-derived tolerance of w_true and at the
+closed form, every execution is one MLflow run in the repository's store, and DVC re-runs only what changed.
+The tests share one copy and run in file order: the later ones change its workspace with experiments.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import config, tracking
+from tests.conftest import sh
+
+pytestmark = pytest.mark.slow
+
+# |w - w_true| <= Z * SE(w_ols): with Gaussian noise the OLS slope is normal around w_true with standard error
+# SE, so a 3-SE band fails by chance with probability 0.27 %; the defaults keep the band itself below 0.05.
+Z = 3.0
+OPTIMISATION_TOL = 1e-3  # gradient descent must have reached the closed form to this absolute accuracy
+
+
+def store(repo: Path) -> tuple[MlflowClient, str]:
+    cfg = config.load(repo / "params.yaml")
+    client = MlflowClient(tracking.default_uri(repo))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment is not None, f"no experiment {cfg.tracking.experiment!r} in {repo}/mlruns"
+    return client, experiment.experiment_id
+
+
+def test_learned_weight_within_tolerance_of_truth_and_closed_form(repro_repo: Path) -> None:
+    m = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
+    w = m["weight"]["learned"]
+    tolerance = Z * m["statistical_error"]["weight_se"]
+    assert tolerance <= 0.05, f"the defaults should pin the weight to 0.05, the noise allows only {tolerance:.4f}"
+    assert abs(w - 3.0) <= tolerance, f"learned weight {w} is more than {Z} standard errors ({tolerance:.4f}) from 3"
+    assert abs(w - m["weight"]["closed_form"]) <= OPTIMISATION_TOL
+    assert abs(m["bias"]["learned"] - m["bias"]["closed_form"]) <= OPTIMISATION_TOL
+
+
+def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Path) -> None:
+    cfg = config.load(repro_repo / "params.yaml")
+    client, exp_id = store(repro_repo)
+    runs = client.search_runs([exp_id])
+    assert len(runs) == 1, "train and evaluate must share one run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    logged = {k: v for k, v in run.data.params.items() if k.split(".")[0] in config.SECTIONS}
+    assert logged == {k: str(v) for k, v in cfg.flat().items()}
+    weight = client.get_metric_history(run.info.run_id, "weight")
+    assert sorted(p.step for p in weight) == list(range(cfg.train.epochs + 1))
+    assert float(run.data.params["init.weight"]) == next(p.value for p in weight if p.step == 0)
+    for series in ("loss", "grad_weight", "grad_bias", "bias"):
+        assert len(client.get_metric_history(run.info.run_id, series)) >= cfg.train.epochs
+    m = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
+    assert run.data.metrics["weight.closed_form"] == m["weight"]["closed_form"]
+    assert run.data.tags["data_md5"] == run.inputs.dataset_inputs[0].dataset.digest
+    assert run.data.tags["mlflow.source.git.commit"] == sh(repro_repo, "git", "rev-parse", "HEAD").stdout.strip()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"trajectory.csv", "metrics.json", "model", "plots"} <= artifacts
+    # The artifacts sit beside the store, under the repository root, not in whatever folder a stage ran in.
+    assert run.info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
+
+
+def test_second_repro_runs_nothing(repro_repo: Path) -> None:
+    out = sh(repro_repo, "dvc", "repro").stdout
+    assert "Running stage" not in out, out
+
+
+def test_outputs_match_committed_lock(repro_repo: Path) -> None:
+    # A fresh machine reproduces the very bytes recorded in dvc.lock: seeds, CSV floats and PNGs are stable.
+    assert sh(repro_repo, "git", "status", "--porcelain", "dvc.lock").stdout == ""
+
+
+def test_changing_lr_reruns_train_and_evaluate_only(repro_repo: Path) -> None:
+    out = sh(repro_repo, "dvc", "exp", "run", "-S", "train.lr=0.05").stdout
+    assert "Stage 'generate' didn't change" in out, out
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
+    client, exp_id = store(repro_repo)
+    runs = client.search_runs([exp_id], filter_string="params.`train.lr` = '0.05'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags.get("dvc_exp_name"), "the DVC experiment name is tagged on the run"
+    assert "weight.learned" in runs[0].data.metrics, "evaluate logged into the experiment's run"
+    shown = sh(repro_repo, "dvc", "exp", "show", "--csv").stdout
+    assert "0.05" in shown
+    assert "train.lr" in sh(repro_repo, "dvc", "params", "diff").stdout
+    diff = sh(repro_repo, "dvc", "metrics", "diff").stdout
+    assert "weight.learned" in diff, diff
+
+
+def test_queued_experiment_logs_into_the_repository_store(repro_repo: Path) -> None:
+    # Queued experiments run in a temporary copy under .dvc/tmp/exps/; their run must still land here.
+    sh(repro_repo, "dvc", "exp", "run", "--queue", "-S", "train.lr=0.2")
+    sh(repro_repo, "dvc", "exp", "run", "--run-all")
+    client, exp_id = store(repro_repo)
+    runs = client.search_runs([exp_id], filter_string="params.`train.lr` = '0.2'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the queued run is missing from the store"
+    assert "weight.learned" in runs[0].data.metrics
+    assert runs[0].info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
+    assert not list((repro_repo / ".dvc" / "tmp").rglob("mlflow.db")), "a stray store inside DVC's temp copy"
