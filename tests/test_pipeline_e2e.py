@@ -71,6 +71,22 @@ def test_second_repro_runs_nothing(repro_repo: Path) -> None:
     assert "Running stage" not in out, out
 
 
+def test_misspelt_key_stops_the_stage_and_checkout_restores_its_outputs(repro_repo: Path) -> None:
+    params = repro_repo / "params.yaml"
+    original = params.read_text()
+    model_before = (repro_repo / "data/model/model.pt").read_bytes()
+    params.write_text(original.replace("  lr: 0.1 ", "  lrr: 0.1\n  lr: 0.1 "))
+    try:
+        out = sh(repro_repo, "dvc", "repro", check=False)
+        assert out.returncode != 0
+        assert "error: train: params.yaml: unknown key train.lrr" in out.stderr + out.stdout
+    finally:
+        params.write_text(original)
+    sh(repro_repo, "dvc", "checkout")
+    assert (repro_repo / "data/model/model.pt").read_bytes() == model_before
+    assert "Running stage" not in sh(repro_repo, "dvc", "repro").stdout
+
+
 def test_outputs_match_committed_lock(repro_repo: Path) -> None:
     # A fresh machine reproduces the very bytes recorded in dvc.lock: seeds, CSV floats and PNGs are stable.
     assert sh(repro_repo, "git", "status", "--porcelain", "dvc.lock").stdout == ""
