@@ -40,6 +40,7 @@ def generate(p: GenerateParams) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write a table as CSV, atomically."""
     # pandas writes floats in their shortest round-trip form: reading back gives the same float64 bits.
     write_atomic(path, lambda tmp: df.to_csv(tmp, index=False, lineterminator="\n"))
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from pipeline import cli, config, data, loop, tracking
-from pipeline.io import md5_file, write_atomic, write_bytes_atomic
+from pipeline.io import md5_file, write_bytes_atomic
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -45,12 +45,13 @@ def train(args: argparse.Namespace) -> None:
         tracker.log_dataset(run_id, table, source=args.data, name="train", digest=data_md5, context="training")
 
         traj = loop.fit(model, X, y, p.optimizer, p.lr, p.epochs)
+        frame = traj.frame()
         shown = sorted({*range(0, p.epochs, max(1, p.epochs // 10)), p.epochs - 1})  # ~10 lines and the last
-        for row in traj.frame().iloc[shown].itertuples():
+        for row in frame.iloc[shown].itertuples():
             cli.log.info("epoch %5d  loss %.6g  weight %.6f  bias %.6f", row.epoch, row.loss, row.weight, row.bias)
 
         write_bytes_atomic(args.model, state_dict_bytes(model))
-        write_atomic(args.trajectory, lambda tmp: traj.frame().to_csv(tmp, index=False, lineterminator="\n"))
+        data.write_table(frame, args.trajectory)
 
         steps = traj.epochs
         tracker.log_series(
