@@ -7,13 +7,9 @@ import logging
 import sys
 from collections.abc import Callable
 
-from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
-
-# Errors the user can fix from the message alone: printed as one line, no traceback, exit status 2.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -27,7 +23,7 @@ def run(stage: str, body: Callable[[argparse.Namespace], None], args: argparse.N
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {stage}: %(message)s", stream=sys.stderr)
     try:
         body(args)
-    except USER_ERRORS as e:
+    except PipelineError as e:  # fixable from the message alone: one line, no traceback
         print(f"error: {stage}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -11,18 +11,18 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from pipeline.errors import ConfigError
+
 X_DISTRIBUTIONS = ("normal", "uniform")
 OPTIMIZERS = ("sgd", "adam")
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the file, the key and the value."""
+METHODS = ("nn", "autograd", "numpy")
+DTYPES = ("float32", "float64")
 
 
 @dataclass(frozen=True)
 class GenerateParams:
     n_samples: int
-    w_true: float
+    true_weights: list[float]
     b_true: float
     noise_std: float
     x_dist: str
@@ -30,6 +30,10 @@ class GenerateParams:
     x_scale: float
     test_fraction: float
     seed: int
+
+    @property
+    def n_features(self) -> int:
+        return len(self.true_weights)
 
     @property
     def n_test(self) -> int:
@@ -42,11 +46,18 @@ class GenerateParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    method: str
     optimizer: str
     lr: float
+    momentum: float
     epochs: int
+    batch_size: int | None
     init_seed: int
+    shuffle_seed: int
+    dtype: str
     threads: int
+    convergence_tol: float
+    allow_divergence: bool
 
 
 @dataclass(frozen=True)
@@ -79,17 +90,26 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _typed(source: str, key: str, value: Any, kind: type) -> Any:
+def _typed(source: str, key: str, value: Any, kind: str) -> Any:
+    """Check one value against its field's annotation (as a string: `int | None`, `list[float]`, ...)."""
+    if kind.endswith(" | None"):
+        return None if value is None else _typed(source, key, value, kind.removesuffix(" | None"))
+    if kind == "list[float]":
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{source}: {key} = {value!r}: expected a non-empty list of numbers")
+        return [_typed(source, f"{key}[{i}]", v, "float") for i, v in enumerate(value)]
     # bool is a subclass of int in Python; `epochs: yes` must not become 1.
-    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
         if not math.isfinite(value):
             raise ConfigError(f"{source}: {key} = {value!r}: must be a finite number")
         return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if kind is str and isinstance(value, str):
+    if kind == "str" and isinstance(value, str):
         return value
-    raise ConfigError(f"{source}: {key} = {value!r}: expected {kind.__name__}, got {type(value).__name__}")
+    raise ConfigError(f"{source}: {key} = {value!r}: expected {kind}, got {type(value).__name__}")
 
 
 def _section(source: str, name: str, raw: Any, cls: type) -> Any:
@@ -102,8 +122,7 @@ def _section(source: str, name: str, raw: Any, cls: type) -> Any:
     missing = [k for k in expected if k not in raw]
     if missing:
         raise ConfigError(f"{source}: missing key {name}.{missing[0]}")
-    kinds = {"int": int, "float": float, "str": str}
-    values = {k: _typed(source, f"{name}.{k}", raw[k], kinds[str(t)]) for k, t in expected.items()}
+    values = {k: _typed(source, f"{name}.{k}", raw[k], str(t)) for k, t in expected.items()}
     return cls(**values)
 
 
@@ -115,25 +134,48 @@ def _check(source: str, ok: bool, key: str, value: Any, rule: str) -> None:
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express; returns cfg unchanged."""
     s, g, t = cfg.source, cfg.generate, cfg.train
-    _check(s, g.n_samples >= 4, "generate.n_samples", g.n_samples, "must be at least 4")
+    k = g.n_features
+    _check(s, g.n_samples >= k + 3, "generate.n_samples", g.n_samples, f"must be at least {k + 3} for {k} feature(s)")
     _check(s, g.noise_std >= 0, "generate.noise_std", g.noise_std, "must be >= 0")
     _check(s, g.x_dist in X_DISTRIBUTIONS, "generate.x_dist", g.x_dist, f"must be one of {X_DISTRIBUTIONS}")
     _check(s, g.x_scale > 0, "generate.x_scale", g.x_scale, "must be > 0")
     _check(s, 0 < g.test_fraction < 1, "generate.test_fraction", g.test_fraction, "must be in (0, 1)")
-    # The slope's standard error needs n_train - 2 > 0 degrees of freedom; an empty test table measures nothing.
+    # Standard errors need n_train - (k + 1) > 0 degrees of freedom; an empty test table measures nothing.
     _check(
         s,
-        g.n_test >= 1 and g.n_train >= 3,
+        g.n_test >= 1 and g.n_train >= k + 2,
         "generate.test_fraction",
         g.test_fraction,
-        f"leaves {g.n_train} train and {g.n_test} test samples of {g.n_samples}; need >= 3 and >= 1",
+        f"leaves {g.n_train} train and {g.n_test} test samples of {g.n_samples}; need >= {k + 2} and >= 1",
     )
     _check(s, g.seed >= 0, "generate.seed", g.seed, "must be >= 0")
+    _check(s, t.method in METHODS, "train.method", t.method, f"must be one of {METHODS}")
     _check(s, t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
+    # The hand-written methods implement SGD (with momentum); Adam is there to compare, through torch.optim.
+    _check(
+        s,
+        t.method == "nn" or t.optimizer == "sgd",
+        "train.optimizer",
+        t.optimizer,
+        f"method {t.method!r} implements sgd only; use method nn for {t.optimizer}",
+    )
     _check(s, t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _check(s, 0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    _check(s, t.optimizer == "sgd" or t.momentum == 0, "train.momentum", t.momentum, "applies to sgd only; set 0")
     _check(s, t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    if t.batch_size is not None:
+        _check(
+            s,
+            1 <= t.batch_size <= g.n_train,
+            "train.batch_size",
+            t.batch_size,
+            f"must be between 1 and the {g.n_train} training samples, or null for full batch",
+        )
     _check(s, t.init_seed >= 0, "train.init_seed", t.init_seed, "must be >= 0")
+    _check(s, t.shuffle_seed >= 0, "train.shuffle_seed", t.shuffle_seed, "must be >= 0")
+    _check(s, t.dtype in DTYPES, "train.dtype", t.dtype, f"must be one of {DTYPES}")
     _check(s, t.threads >= 1, "train.threads", t.threads, "must be >= 1")
+    _check(s, t.convergence_tol > 0, "train.convergence_tol", t.convergence_tol, "must be > 0")
     _check(
         s, bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "must not be empty"
     )

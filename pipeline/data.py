@@ -1,4 +1,4 @@
-"""Synthetic data y = w_true*x + b_true + noise (pure), and reading/writing the tables with clear errors."""
+"""Synthetic data y = X @ true_weights + b_true + noise (pure), and reading/writing tables with clear errors."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import GenerateParams
+from pipeline.errors import DataError
 from pipeline.io import write_atomic
 
-COLUMNS = ("x", "y")
+
+def feature_columns(n_features: int) -> list[str]:
+    """`x` for the seed's one-feature problem, else x1 ... xk."""
+    return ["x"] if n_features == 1 else [f"x{i}" for i in range(1, n_features + 1)]
 
 
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the path and the problem."""
-
-
-def sample_x(rng: np.random.Generator, dist: str, loc: float, scale: float, n: int) -> np.ndarray:
-    """n draws of x: normal(mean=loc, std=scale) or uniform on [loc, loc + scale)."""
+def sample_x(rng: np.random.Generator, dist: str, loc: float, scale: float, n: int | tuple[int, ...]) -> np.ndarray:
+    """Independent draws of x: normal(mean=loc, std=scale) or uniform on [loc, loc + scale)."""
     if dist == "normal":
         return rng.normal(loc, scale, n)
     if dist == "uniform":
@@ -27,12 +27,13 @@ def sample_x(rng: np.random.Generator, dist: str, loc: float, scale: float, n: i
 
 
 def generate(p: GenerateParams) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Draw the data set and split it into (train, test) tables with columns x, y (float64)."""
+    """Draw the data set and split it into (train, test) tables: feature columns, then y (float64)."""
     rng = np.random.default_rng(p.seed)
-    x = sample_x(rng, p.x_dist, p.x_loc, p.x_scale, p.n_samples)
+    X = sample_x(rng, p.x_dist, p.x_loc, p.x_scale, (p.n_samples, p.n_features))
     noise = rng.normal(0.0, p.noise_std, p.n_samples)
-    y = p.w_true * x + p.b_true + noise
-    table = pd.DataFrame({"x": x, "y": y})
+    y = X @ np.asarray(p.true_weights) + p.b_true + noise
+    table = pd.DataFrame(X, columns=feature_columns(p.n_features))
+    table["y"] = y
     # The rows are independent draws, so a split by position is as random as a shuffled one.
     train = table.iloc[: p.n_train].reset_index(drop=True)
     test = table.iloc[p.n_train :].reset_index(drop=True)
@@ -46,7 +47,7 @@ def write_table(df: pd.DataFrame, path: str | Path) -> None:
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a table written by write_table, refusing anything that is not finite float x, y columns."""
+    """Read a table written by write_table, refusing anything but finite numeric x..., y columns."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file (run `dvc repro` to create it)")
@@ -57,11 +58,12 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0]
         raise DataError(f"{path}: not a readable CSV table: {first}") from None
-    if tuple(df.columns) != COLUMNS:
-        raise DataError(f"{path}: expected columns {list(COLUMNS)}, found {list(df.columns)}")
+    expected = [*feature_columns(max(1, len(df.columns) - 1)), "y"]
+    if list(df.columns) != expected:
+        raise DataError(f"{path}: expected columns {expected}, found {list(df.columns)}")
     if len(df) == 0:
         raise DataError(f"{path}: table has a header but no rows")
-    for col in COLUMNS:
+    for col in expected:
         if not pd.api.types.is_float_dtype(df[col]) and not pd.api.types.is_integer_dtype(df[col]):
             raise DataError(f"{path}: column {col!r} is not numeric (dtype {df[col].dtype})")
         values = df[col].to_numpy(dtype=np.float64)
@@ -70,3 +72,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
             row = int(np.argmax(bad))
             raise DataError(f"{path}: column {col!r} has a non-finite value {values[row]} at row {row + 1}")
     return df.astype(np.float64)
+
+
+def split_xy(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(N, k) features and (N,) targets of a table."""
+    return df.drop(columns="y").to_numpy(dtype=np.float64), df["y"].to_numpy(dtype=np.float64)

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: learned line vs scikit-learn's closed form -> metrics JSON, PNG plots, same MLflow run."""
+"""DVC stage `evaluate`: learned model vs scikit-learn's closed form -> metrics JSON, PNG plots, same MLflow run."""
 
 from __future__ import annotations
 
@@ -9,73 +9,122 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import mean_squared_error, r2_score
 
 from pipeline import cli, config, data, plots, theory, tracking
 from pipeline.config import GenerateParams
+from pipeline.errors import DataError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
-from pipeline.loop import TRAJECTORY_COLUMNS
+from pipeline.loop import trajectory_columns, weight_names
 from pipeline.theory import LineFit
 
 
 def load_line(path: str | Path) -> LineFit:
-    """The trained nn.Linear(1, 1) as a LineFit; weights_only=True refuses pickled code."""
+    """The trained nn.Linear(k, 1) as a LineFit; weights_only=True refuses pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise data.DataError(f"{path}: no such model file (run `dvc repro` to create it)")
+        raise DataError(f"{path}: no such model file (run `dvc repro` to create it)")
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
-        return LineFit(weight=float(state["weight"].reshape(-1)[0]), bias=float(state["bias"].reshape(-1)[0]))
+        weights = state["weight"].double().numpy().reshape(-1)
+        return LineFit(weights=weights, bias=float(state["bias"].reshape(-1)[0]))
     except Exception as e:  # any unreadable, foreign or malicious file: say which and why, in one line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise data.DataError(f"{path}: not a model state_dict with weight and bias: {first}") from None
+        raise DataError(f"{path}: not a model state_dict with weight and bias: {first}") from None
 
 
-def read_trajectory(path: str | Path) -> pd.DataFrame:
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        out: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read JSON: {e}") from None
+    return out
+
+
+def read_trajectory(path: str | Path, n_features: int) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise data.DataError(f"{path}: no such trajectory file (run `dvc repro` to create it)")
+        raise DataError(f"{path}: no such trajectory file (run `dvc repro` to create it)")
     df = pd.read_csv(path)
-    if tuple(df.columns) != TRAJECTORY_COLUMNS or len(df) == 0:
-        raise data.DataError(f"{path}: expected a trajectory with columns {list(TRAJECTORY_COLUMNS)}")
+    if list(df.columns) != trajectory_columns(n_features) or len(df) == 0:
+        raise DataError(f"{path}: expected a trajectory with columns {trajectory_columns(n_features)}")
     return df
 
 
 def compute_metrics(p: GenerateParams, learned: LineFit, train: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
     """Every number the evaluation reports, nested by topic (DVC flattens it as `topic.key`)."""
-    ols = theory.closed_form(train["x"].to_numpy(), train["y"].to_numpy())
-    se = theory.slope_standard_error(train["x"].to_numpy(), train["y"].to_numpy(), ols)
+    X, y = data.split_xy(train)
+    ols = theory.closed_form(X, y)
+    se = theory.standard_errors(X, y, ols)
+    names = weight_names(len(ols.weights))
+    true_w = np.asarray(p.true_weights)
 
     def scores(df: pd.DataFrame) -> dict[str, float]:
+        Xd, yd = data.split_xy(df)
         out = {}
         for name, line in (("learned", learned), ("closed_form", ols)):
-            pred = line.predict(df["x"].to_numpy())
-            out[f"mse_{name}"] = float(mean_squared_error(df["y"], pred))
-            out[f"r2_{name}"] = float(r2_score(df["y"], pred))
+            pred = line.predict(Xd)
+            out[f"mse_{name}"] = float(mean_squared_error(yd, pred))
+            out[f"r2_{name}"] = float(r2_score(yd, pred))
         return out
 
+    coefficients = {
+        n: {"true": float(true_w[i]), "learned": float(learned.weights[i]), "closed_form": float(ols.weights[i])}
+        for i, n in enumerate(names)
+    }
     return {
-        "weight": {"true": p.w_true, "learned": learned.weight, "closed_form": ols.weight},
+        **coefficients,
         "bias": {"true": p.b_true, "learned": learned.bias, "closed_form": ols.bias},
         # How far gradient descent stopped from the exact minimiser of the training loss.
-        "optimisation_gap": {"weight": abs(learned.weight - ols.weight), "bias": abs(learned.bias - ols.bias)},
+        "optimisation_gap": {
+            **{n: abs(float(learned.weights[i] - ols.weights[i])) for i, n in enumerate(names)},
+            "bias": abs(learned.bias - ols.bias),
+        },
         # How far the exact minimiser sits from the truth because of the noise; compare with its standard error.
-        "statistical_error": {"weight": abs(ols.weight - p.w_true), "weight_se": se},
+        "statistical_error": {
+            **{n: abs(float(ols.weights[i] - true_w[i])) for i, n in enumerate(names)},
+            **{f"{n}_se": float(se[i]) for i, n in enumerate(names)},
+        },
         "train": scores(train),
         "test": scores(test),
     }
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = float(value)
-    return out
+def figures(
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    trajectory: pd.DataFrame,
+    init: dict[str, float],
+    convergence: dict[str, Any],
+    stability: dict[str, Any],
+    learned: LineFit,
+    closed: LineFit,
+    true: LineFit,
+) -> dict[str, bytes]:
+    """The evaluation's PNGs, by file name."""
+    X, y = data.split_xy(train)
+    Xt, yt = data.split_xy(test)
+    names = weight_names(X.shape[1])
+    epochs = trajectory["epoch"].to_numpy()
+    # The optimiser's path through (first weight, bias), starting from the random initialisation.
+    path_w = np.concatenate(([init[names[0]]], trajectory[names[0]].to_numpy()))
+    path_b = np.concatenate(([init["bias"]], trajectory["bias"].to_numpy()))
+    params = np.column_stack([trajectory[n].to_numpy() for n in [*names, "bias"]]).astype(np.float64)
+    start = np.array([init[n] for n in [*names, "bias"]])
+    distances = np.linalg.norm(np.vstack([start, params]) - closed.params(), axis=1)
+    return {
+        "fit.png": plots.fit_plot(X, y, Xt, yt, {"learned": learned, "closed form": closed, "true": true}),
+        "loss.png": plots.loss_plot(epochs, trajectory["loss"].to_numpy(), mean_squared_error(y, closed.predict(X))),
+        "params.png": plots.params_plot(epochs, {n: trajectory[n].to_numpy() for n in [*names, "bias"]}, closed, true),
+        "landscape.png": plots.landscape_plot(X, y, closed, true, path_w, path_b, names[0]),
+        "convergence.png": plots.convergence_plot(
+            distances, convergence["tolerance"], stability["contraction"], convergence.get("predicted_epochs")
+        ),
+    }
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -83,25 +132,30 @@ def evaluate(args: argparse.Namespace) -> None:
     train = data.read_table(args.train_data)
     test = data.read_table(args.test_data)
     learned = load_line(args.model)
-    trajectory = read_trajectory(args.trajectory)
+    k = len(learned.weights)
+    trajectory = read_trajectory(args.trajectory, k)
+    train_metrics = read_json(args.train_metrics)
     tracker = tracking.connect(cfg.tracking.experiment)
 
     metrics = compute_metrics(cfg.generate, learned, train, test)
-    closed = LineFit(metrics["weight"]["closed_form"], metrics["bias"]["closed_form"])
-    true = LineFit(cfg.generate.w_true, cfg.generate.b_true)
-    x_tr, y_tr, x_te, y_te = (df[c].to_numpy() for df in (train, test) for c in ("x", "y"))
-    epochs = trajectory["epoch"].to_numpy()
-    figures = {
-        "fit.png": plots.fit_plot(x_tr, y_tr, x_te, y_te, {"learned": learned, "closed form": closed, "true": true}),
-        "loss.png": plots.loss_plot(epochs, trajectory["loss"].to_numpy(), metrics["train"]["mse_closed_form"]),
-        "params.png": plots.params_plot(
-            epochs, trajectory["weight"].to_numpy(), trajectory["bias"].to_numpy(), closed, true
-        ),
-    }
+    names = weight_names(k)
+    closed = LineFit(np.array([metrics[n]["closed_form"] for n in names]), metrics["bias"]["closed_form"])
+    true = LineFit(np.asarray(cfg.generate.true_weights), cfg.generate.b_true)
+    pngs = figures(
+        train,
+        test,
+        trajectory,
+        train_metrics["init"],
+        train_metrics["convergence"],
+        train_metrics["stability"],
+        learned,
+        closed,
+        true,
+    )
 
     write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
     plot_dir = Path(args.plots)
-    for name, png in figures.items():
+    for name, png in pngs.items():
         write_bytes_atomic(plot_dir / name, png)
 
     # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
@@ -112,19 +166,13 @@ def evaluate(args: argparse.Namespace) -> None:
     with tracker.run(run_id=run_id) as rid:
         if run_id is None:
             tracker.set_tags(rid, tracking.provenance_tags("evaluate") | {tracking.MODEL_TAG: model_md5})
-        tracker.log_metrics(rid, flatten(metrics))
+        tracker.log_metrics(rid, tracking.flatten(metrics))
         tracker.log_artifact(rid, args.metrics)
-        for name in figures:
+        for name in pngs:
             tracker.log_artifact(rid, plot_dir / name, "plots")
-    cli.log.info(
-        "learned w=%.6f b=%.6f; closed form w=%.6f b=%.6f; true w=%g b=%g",
-        learned.weight,
-        learned.bias,
-        closed.weight,
-        closed.bias,
-        true.weight,
-        true.bias,
-    )
+    for label, line in (("learned", learned), ("closed form", closed), ("true", true)):
+        values = "  ".join(f"{n}={v:.6g}" for n, v in zip([*names, "bias"], line.params(), strict=True))
+        cli.log.info("%-11s %s", label, values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-data", required=True, help="test table (CSV)")
     p.add_argument("--model", required=True, help="trained state_dict")
     p.add_argument("--trajectory", required=True, help="per-epoch trajectory (CSV)")
+    p.add_argument("--train-metrics", required=True, help="the train stage's metrics (JSON)")
     p.add_argument("--metrics", required=True, help="metrics JSON to write")
     p.add_argument("--plots", required=True, help="folder for the PNG plots")
     return cli.run("evaluate", evaluate, p.parse_args(argv))

@@ -1,30 +1,50 @@
-"""The five-step training loop on nn.Linear, and the per-epoch trajectory it leaves behind. No I/O."""
+"""Gradient descent on y = X @ w + b three ways, and the per-epoch trajectory it leaves behind. No I/O.
+
+The same update, written at three levels of abstraction (train.method):
+- nn:       nn.Linear + nn.MSELoss + optim.SGD, the five steps of every PyTorch training loop;
+- autograd: plain tensors with requires_grad=True; autograd computes the gradient, we do the rest;
+- numpy:    the gradient derived by hand, dL/dw = 2/N X^T (y_pred - y), dL/db = 2/N sum(y_pred - y).
+With the same start, data and learning rate they produce the same trajectory (tests/test_lessons.py).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn, optim
 
-TRAJECTORY_COLUMNS = ("epoch", "loss", "grad_weight", "grad_bias", "weight", "bias")
+METHODS = ("nn", "autograd", "numpy")
 
 
-def make_model(init_seed: int) -> nn.Linear:
-    """nn.Linear(1, 1) with PyTorch's own random initialisation, drawn from a seed.
+def weight_names(n_features: int) -> list[str]:
+    """`weight` for the seed's one-feature model, else weight_1 ... weight_k."""
+    return ["weight"] if n_features == 1 else [f"weight_{i}" for i in range(1, n_features + 1)]
+
+
+def trajectory_columns(n_features: int) -> list[str]:
+    weights = weight_names(n_features)
+    return ["epoch", "loss", *(f"grad_{w}" for w in weights), "grad_bias", *weights, "bias"]
+
+
+def make_model(init_seed: int, n_features: int = 1, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """nn.Linear(n_features, 1) with PyTorch's own random initialisation, drawn from a seed.
 
     fork_rng keeps the seed local: the global generator is the same before and after this call.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        return nn.Linear(1, 1)
+        return nn.Linear(n_features, 1, dtype=dtype)
 
 
-def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> optim.Optimizer:
+def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: float = 0.0) -> optim.Optimizer:
     if name == "sgd":
-        return optim.SGD(params, lr=lr)
+        return optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adam":
         return optim.Adam(params, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}")
@@ -33,22 +53,127 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> optim.Op
 def train_step(
     model: nn.Module, criterion: nn.Module, optimizer: optim.Optimizer, X: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """One epoch of full-batch gradient descent: the five steps, in this order."""
+    """One step of gradient descent with nn/optim: the five steps, in this order."""
     y_pred = model(X)  # 1. forward pass: records the graph y_pred = X @ W.T + b
     loss = criterion(y_pred, y)  # 2. loss: one scalar, mean((y_pred - y)^2)
-    optimizer.zero_grad()  # 3. clear the gradients left by the previous epoch (they accumulate)
+    optimizer.zero_grad()  # 3. clear the gradients left by the previous step (they accumulate)
     loss.backward()  # 4. backward pass: chain rule fills W.grad and b.grad; parameters unchanged
     optimizer.step()  # 5. update: p <- p - lr * p.grad (SGD); computes no gradient itself
     return loss  # type: ignore[no-any-return]  # nn.Module.__call__ is typed Any
 
 
+def autograd_step(
+    w: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor, lr: float, momentum: float, bufs: list[Any]
+) -> torch.Tensor:
+    """The same step with raw tensors: autograd gives the gradient, the rest is written out."""
+    y_pred = X @ w.T + b  # forward: w, b have requires_grad=True, so this records the graph
+    loss = ((y_pred - y) ** 2).mean()  # the MSE, by hand
+    for p in (w, b):  # zero_grad, by hand
+        if p.grad is not None:
+            p.grad.zero_()
+    loss.backward()  # type: ignore[no-untyped-call]  # autograd fills w.grad and b.grad
+    with torch.no_grad():  # the update itself must not become part of the graph
+        for i, p in enumerate((w, b)):
+            assert p.grad is not None
+            d = p.grad if momentum == 0 else sgd_momentum(bufs, i, p.grad, momentum)
+            p -= lr * d
+    return loss
+
+
+def numpy_step(
+    w: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray, lr: float, momentum: float, bufs: list[Any]
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """The same step in NumPy: the gradient is derived by hand. Updates w and b in place."""
+    y_pred = X @ w.T + b  # forward
+    residual = y_pred - y
+    loss = float(np.mean(residual**2))  # MSE
+    grad_w = 2.0 / len(X) * (residual.T @ X)  # dL/dw = 2/N sum((y_pred - y) x)
+    grad_b = 2.0 / len(X) * residual.sum(axis=0)  # dL/db = 2/N sum(y_pred - y)
+    for i, (p, g) in enumerate(((w, grad_w), (b, grad_b))):
+        p -= lr * (g if momentum == 0 else sgd_momentum(bufs, i, g, momentum))
+    return loss, grad_w.astype(w.dtype), grad_b.astype(b.dtype)
+
+
+def sgd_momentum(bufs: list[Any], i: int, grad: Any, momentum: float) -> Any:
+    """torch.optim.SGD's momentum: buf <- grad on the first step, then buf <- momentum * buf + grad."""
+    if len(bufs) <= i:
+        bufs.append(grad.copy() if isinstance(grad, np.ndarray) else grad.clone())
+    else:
+        bufs[i] = momentum * bufs[i] + grad
+    return bufs[i]
+
+
+class Learner(Protocol):
+    def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """One update on the given rows; returns (loss, grad_w, grad_b) computed before the update."""
+
+    def params(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class NNLearner:
+    def __init__(self, model: nn.Linear, X: np.ndarray, y: np.ndarray, optimizer: str, lr: float, momentum: float):
+        self.model, self.criterion = model, nn.MSELoss()
+        self.optimizer = make_optimizer(optimizer, list(model.parameters()), lr, momentum)
+        self.X, self.y = torch.from_numpy(X), torch.from_numpy(y)
+
+    def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        loss = train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows])
+        w, b = self.model.weight, self.model.bias
+        assert w.grad is not None and b.grad is not None  # set by loss.backward()
+        # .grad still holds this step's gradient: step() reads it but does not clear it.
+        return loss.item(), w.grad.numpy().copy(), b.grad.numpy().copy()
+
+    def params(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.model.weight.detach().numpy().copy(), self.model.bias.detach().numpy().copy()
+
+
+class AutogradLearner:
+    def __init__(self, w0: np.ndarray, b0: np.ndarray, X: np.ndarray, y: np.ndarray, lr: float, momentum: float):
+        self.w = torch.tensor(w0, requires_grad=True)
+        self.b = torch.tensor(b0, requires_grad=True)
+        self.X, self.y, self.lr, self.momentum = torch.from_numpy(X), torch.from_numpy(y), lr, momentum
+        self.bufs: list[Any] = []
+
+    def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        loss = autograd_step(self.w, self.b, self.X[rows], self.y[rows], self.lr, self.momentum, self.bufs)
+        assert self.w.grad is not None and self.b.grad is not None
+        return loss.item(), self.w.grad.numpy().copy(), self.b.grad.numpy().copy()
+
+    def params(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.w.detach().numpy().copy(), self.b.detach().numpy().copy()
+
+
+class NumpyLearner:
+    def __init__(self, w0: np.ndarray, b0: np.ndarray, X: np.ndarray, y: np.ndarray, lr: float, momentum: float):
+        self.w, self.b = w0.copy(), b0.copy()
+        self.X, self.y, self.lr, self.momentum = X, y, lr, momentum
+        self.bufs: list[Any] = []
+        self.lr_t = X.dtype.type(lr)  # keep float32 data in float32 arithmetic, like torch
+
+    def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        return numpy_step(self.w, self.b, self.X[rows], self.y[rows], self.lr_t, self.momentum, self.bufs)
+
+    def params(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.w.copy(), self.b.copy()
+
+
 @dataclass(frozen=True)
 class Trajectory:
-    """What training did: the starting point and one row per epoch (see TRAJECTORY_COLUMNS)."""
+    """What training did: the starting point and one row per epoch.
 
-    init_weight: float
+    Each row holds the loss and gradients of that epoch, computed at the parameters before its update(s)
+    (with mini-batches: their sample-weighted mean over the epoch's batches), and the parameters after it.
+    """
+
+    init_weight: np.ndarray  # (n_features,)
     init_bias: float
-    values: np.ndarray  # shape (epochs, 5): TRAJECTORY_COLUMNS after "epoch", in the training dtype
+    values: np.ndarray  # (epochs run, columns after "epoch"), in the training dtype
+    batch_loss: np.ndarray  # loss of every optimiser step (one per batch), in order
+    diverged_at: int | None = None  # first epoch whose loss was not finite, if any
+
+    @property
+    def n_features(self) -> int:
+        return len(self.init_weight)
 
     @property
     def epochs(self) -> np.ndarray:
@@ -57,36 +182,90 @@ class Trajectory:
     def column(self, name: str) -> np.ndarray:
         if name == "epoch":
             return self.epochs
-        return self.values[:, TRAJECTORY_COLUMNS.index(name) - 1]
+        return self.values[:, trajectory_columns(self.n_features).index(name) - 1]
+
+    def weights(self) -> np.ndarray:
+        """(epochs, n_features): the weights after each epoch."""
+        k = self.n_features
+        return self.values[:, 2 + k : 2 + 2 * k]
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({name: self.column(name) for name in TRAJECTORY_COLUMNS})
+        return pd.DataFrame({name: self.column(name) for name in trajectory_columns(self.n_features)})
 
 
-def fit(model: nn.Linear, X: torch.Tensor, y: torch.Tensor, optimizer_name: str, lr: float, epochs: int) -> Trajectory:
-    """Train `model` in place for `epochs` full-batch steps and return its trajectory.
-
-    Each row holds the loss and gradients computed in that epoch (at the parameters before its step) and
-    the weight and bias after the step.
-    """
-    criterion = nn.MSELoss()
-    optimizer = make_optimizer(optimizer_name, list(model.parameters()), lr)
-    w, b = model.weight, model.bias
-    init_weight, init_bias = w.item(), b.item()
-    # One preallocated buffer instead of per-epoch Python floats: recording costs ~nothing per epoch.
-    # It keeps the training dtype, so the CSV shows float32 values as float32 (3.0, not 2.9999999523).
-    record = torch.empty(epochs, 5, dtype=w.dtype)
-    for epoch in range(epochs):
-        loss = train_step(model, criterion, optimizer, X, y)
-        assert w.grad is not None and b.grad is not None  # set by loss.backward() in train_step
-        # .grad still holds this epoch's gradient: step() reads it but does not clear it.
-        record[epoch] = torch.stack((loss.detach()[()], w.grad[0, 0], b.grad[0], w.detach()[0, 0], b.detach()[0]))
-    return Trajectory(init_weight=init_weight, init_bias=init_bias, values=record.numpy())
+def batches(n: int, batch_size: int | None, rng: np.random.Generator) -> Iterator[slice | np.ndarray]:
+    """The rows of one epoch: everything at once, or a fresh shuffle cut into batches of batch_size."""
+    if batch_size is None or batch_size >= n:
+        yield slice(None)
+        return
+    order = rng.permutation(n)
+    for start in range(0, n, batch_size):
+        yield np.sort(order[start : start + batch_size])  # sorted: same rows, cache-friendly gather
 
 
-def as_tensors(x: np.ndarray, y: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns (N,) -> the (N, 1) tensors nn.Linear(1, 1) and nn.MSELoss expect."""
-    # torch.tensor copies: pandas hands out read-only arrays, which torch must not alias.
-    X = torch.tensor(x, dtype=dtype).reshape(-1, 1)
-    Y = torch.tensor(y, dtype=dtype).reshape(-1, 1)
+def make_learner(
+    method: str, model: nn.Linear, X: np.ndarray, y: np.ndarray, optimizer: str, lr: float, momentum: float
+) -> Learner:
+    """A learner for `method`, starting from `model`'s parameters (all three start from the same point)."""
+    if method == "nn":
+        return NNLearner(model, X, y, optimizer, lr, momentum)
+    w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
+    if method == "autograd":
+        return AutogradLearner(w0, b0, X, y, lr, momentum)
+    if method == "numpy":
+        return NumpyLearner(w0, b0, X, y, lr, momentum)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def fit(learner: Learner, n: int, epochs: int, batch_size: int | None = None, shuffle_seed: int = 0) -> Trajectory:
+    """Run `epochs` epochs and record the trajectory; stop early at the first non-finite loss."""
+    w0, b0 = learner.params()
+    k = w0.size
+    rng = np.random.default_rng(shuffle_seed)
+    rows, batch_losses = [], []
+    diverged_at = None
+    for epoch in range(1, epochs + 1):
+        loss_sum, gw_sum, gb_sum = 0.0, np.zeros(k), 0.0
+        for part in batches(n, batch_size, rng):
+            size = n if isinstance(part, slice) else len(part)
+            loss, gw, gb = learner.step(part)
+            batch_losses.append(loss)
+            loss_sum += size * loss
+            gw_sum += size * gw.reshape(-1)
+            gb_sum += size * float(gb.reshape(-1)[0])
+        w, b = learner.params()
+        rows.append([loss_sum / n, *(gw_sum / n), gb_sum / n, *w.reshape(-1), float(b.reshape(-1)[0])])
+        if not math.isfinite(loss_sum):
+            diverged_at = epoch
+            break
+    dtype = w0.dtype
+    values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, 2 * k + 3), dtype)
+    return Trajectory(w0.reshape(-1), float(b0.reshape(-1)[0]), values, np.asarray(batch_losses), diverged_at)
+
+
+def as_arrays(x: np.ndarray, y: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N,) or (N, k) and targets (N,) -> the (N, k) and (N, 1) arrays every method trains on."""
+    np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
+    X = np.array(x, dtype=np_dtype).reshape(len(x), -1)  # np.array copies: pandas hands out read-only views
+    Y = np.array(y, dtype=np_dtype).reshape(-1, 1)
     return X, Y
+
+
+def autograd_gradient(X: np.ndarray, y: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Autograd's gradient of the MSE at (w, b) in float64, as (dL/dw_1, ..., dL/dw_k, dL/db)."""
+    weight = torch.tensor(np.reshape(w, (1, -1)), dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(np.reshape(b, (1,)), dtype=torch.float64, requires_grad=True)
+    X64, y64 = torch.tensor(X, dtype=torch.float64), torch.tensor(y, dtype=torch.float64).reshape(-1, 1)
+    # The functions nn.Linear and nn.MSELoss call, without building a module (whose init would draw randoms).
+    loss = nn.functional.mse_loss(nn.functional.linear(X64, weight, bias), y64)
+    loss.backward()  # type: ignore[no-untyped-call]
+    assert weight.grad is not None and bias.grad is not None
+    return np.append(weight.grad.numpy().reshape(-1), bias.grad.numpy())
+
+
+def load_params(model: nn.Linear, w: np.ndarray, b: np.ndarray) -> nn.Linear:
+    """Put (w, b) into an nn.Linear, so every method saves the same kind of state_dict."""
+    with torch.no_grad():
+        model.weight.copy_(torch.as_tensor(np.reshape(w, model.weight.shape)))
+        model.bias.copy_(torch.as_tensor(np.reshape(b, model.bias.shape)))
+    return model

@@ -15,16 +15,23 @@ from pipeline.io import md5_file
 UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the MLflow UI
 
 
-def table(m: dict[str, Any]) -> str:
-    rows = [f"{'':8}{'true':>12}{'learned':>14}{'closed form':>14}{'|learned - closed|':>20}"]
-    for name in ("weight", "bias"):
+def table(m: dict[str, Any], t: dict[str, Any]) -> str:
+    """m: evaluate's metrics; t: train's (theory vs observed)."""
+    names = list(m["optimisation_gap"])  # the weights, then bias
+    rows = [f"{'':10}{'true':>12}{'learned':>14}{'closed form':>14}{'|learned - closed|':>20}"]
+    for name in names:
         v = m[name]
         gap = m["optimisation_gap"][name]
-        rows.append(f"{name:8}{v['true']:>12.6f}{v['learned']:>14.6f}{v['closed_form']:>14.6f}{gap:>20.3g}")
+        rows.append(f"{name:10}{v['true']:>12.6f}{v['learned']:>14.6f}{v['closed_form']:>14.6f}{gap:>20.3g}")
     s = m["statistical_error"]
-    rows.append(f"|closed-form weight - true| = {s['weight']:.4g}  (OLS slope standard error {s['weight_se']:.4g})")
-    t = m["test"]
-    rows.append(f"test MSE: learned {t['mse_learned']:.6g}, closed form {t['mse_closed_form']:.6g}")
+    for name in names[:-1]:
+        rows.append(f"|closed-form {name} - true| = {s[name]:.4g}  (its standard error: {s[name + '_se']:.4g})")
+    rows.append(f"test MSE: learned {m['test']['mse_learned']:.6g}, closed form {m['test']['mse_closed_form']:.6g}")
+    c, st = t["convergence"], t["stability"]
+    rows.append(
+        f"within {c['tolerance']:g} of the closed form after {c['observed_epochs']} epochs "
+        f"(theory: {c['predicted_epochs']}); largest stable lr {st['lr_max']:.4g}"
+    )
     return "\n".join(rows)
 
 
@@ -32,7 +39,7 @@ def summarise(args: argparse.Namespace) -> None:
     paths = config.dvc_paths(args.dvc_yaml)
     cfg = config.load(args.params)
     metrics = json.loads(Path(paths["metrics"]).read_text())
-    print(table(metrics))
+    print(table(metrics, json.loads(Path(paths["train_metrics"]).read_text())))
     tracker = tracking.connect(cfg.tracking.experiment)
     run_id = tracker.find_run(md5_file(paths["model"]))
     if run_id is None:

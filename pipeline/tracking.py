@@ -59,15 +59,21 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an absolute sqlite:/// URI, else None (a server or another backend)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri[len(prefix) :].startswith("/") else None
+
+
 @contextmanager
-def _store_lock(root: Path, uri: str) -> Iterator[None]:
-    """Serialise first use of the embedded store: concurrent schema migrations of a new SQLite file fail."""
-    if uri != default_uri(root):
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store: concurrent schema migrations of a new database file fail."""
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
-    store = root / STORE_DIR
-    store.mkdir(parents=True, exist_ok=True)
-    with open(store / ".init.lock", "w") as lock:
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -150,13 +156,14 @@ def connect(experiment: str, root: Path | None = None) -> Tracker:
     root = root or project_root()
     uri = tracking_uri(root)
     client = MlflowClient(tracking_uri=uri)
-    with _store_lock(root, uri):
+    with _store_lock(uri):
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return Tracker(client, found.experiment_id, uri)
         # With a SQLite store MLflow would put artifacts in ./mlruns of the current folder, which for a
-        # queued DVC experiment is a temporary copy; anchor them beside the store instead.
-        location = (root / STORE_DIR / "artifacts").as_uri() if uri == default_uri(root) else None
+        # queued DVC experiment is a temporary copy; anchor them beside the database instead.
+        db = sqlite_path(uri)
+        location = (db.parent / "artifacts").as_uri() if db else None
         try:
             experiment_id = client.create_experiment(experiment, artifact_location=location)
         except MlflowException:  # created meanwhile by another process sharing a server
@@ -165,6 +172,17 @@ def connect(experiment: str, root: Path | None = None) -> Tracker:
                 raise
             experiment_id = found.experiment_id
     return Tracker(client, experiment_id, uri)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numbers -> {"a.b": value}, the names `dvc metrics` shows; None (not applicable) is left out."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{prefix}{key}.")
+        elif value is not None:
+            out[f"{prefix}{key}"] = float(value)
+    return out
 
 
 def _git(*args: str) -> str | None:

@@ -1,17 +1,23 @@
-"""DVC stage `train`: the five-step loop on the train table -> model, trajectory, one MLflow run."""
+"""DVC stage `train`: gradient descent on the train table -> model, trajectory, train metrics, one MLflow run."""
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from pipeline import cli, config, data, loop, tracking
-from pipeline.io import md5_file, write_bytes_atomic
+from pipeline import cli, config, data, loop, theory, tracking
+from pipeline.errors import ConfigError, DataError, DivergenceError
+from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
@@ -25,52 +31,133 @@ def state_dict_bytes(model: torch.nn.Module) -> bytes:
     return buf.getvalue()
 
 
+def analyse(
+    X: np.ndarray, y: np.ndarray, traj: loop.Trajectory, stab: theory.Stability, p: config.TrainParams
+) -> dict[str, Any]:
+    """Theory against what happened: convergence predicted vs observed, autograd vs analytic gradient."""
+    optimum = theory.least_squares(X, y)
+    start = theory.LineFit(traj.init_weight.astype(np.float64), traj.init_bias)
+    end = theory.LineFit(traj.weights()[-1].astype(np.float64), float(traj.column("bias")[-1]))
+    path = np.column_stack([traj.weights(), traj.column("bias")]).astype(np.float64)
+    distances = np.linalg.norm(path - optimum.params(), axis=1)
+    d0 = float(np.linalg.norm(start.params() - optimum.params()))
+    # The contraction bound is exact for plain full-batch gradient descent only.
+    plain_gd = p.optimizer == "sgd" and p.momentum == 0 and p.batch_size is None
+    gradient_gap = max(
+        float(
+            np.max(np.abs(loop.autograd_gradient(X, y, f.weights, np.array([f.bias])) - theory.mse_gradient(X, y, f)))
+        )
+        for f in (start, end)
+    )
+    return {
+        "stability": {
+            "lr_max": stab.lr_max,
+            "contraction": stab.contraction,
+            "hessian_eigen_min": float(stab.eigenvalues[0]),
+            "hessian_eigen_max": float(stab.eigenvalues[-1]),
+        },
+        "convergence": {
+            "tolerance": p.convergence_tol,
+            "initial_distance": d0,
+            "final_distance": float(distances[-1]),
+            "predicted_epochs": stab.predicted_epochs(d0, p.convergence_tol) if plain_gd else None,
+            "observed_epochs": theory.observed_epochs(distances, p.convergence_tol),
+        },
+        "gradient_check": {"max_abs_diff": gradient_gap},
+        "init": dict(zip([*loop.weight_names(len(start.weights)), "bias"], start.params().tolist(), strict=True)),
+        "final_loss": float(traj.column("loss")[-1]),
+    }
+
+
 def train(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
     p = cfg.train
     # Set before any tensor work: float32 reductions at large N depend on the thread count.
     torch.set_num_threads(p.threads)
     table = data.read_table(args.data)
+    X64, y64 = data.split_xy(table)
+    k = X64.shape[1]
+    if k != cfg.generate.n_features:
+        raise DataError(f"{args.data}: has {k} feature column(s), generate.true_weights has {cfg.generate.n_features}")
+    stab = theory.stability(X64, p.lr, p.momentum)
+    if p.optimizer == "sgd" and p.lr >= stab.lr_max and not p.allow_divergence:
+        raise ConfigError(
+            f"{cfg.source}: train.lr = {p.lr}: at or above the largest stable learning rate {stab.lr_max:.4g} for "
+            f"this data (2(1 + momentum)/λ_max of the MSE Hessian); lower it, or set train.allow_divergence: true"
+        )
     data_md5 = md5_file(args.data)
     # Connect before training, so a store that cannot be reached fails the stage before any work.
     tracker = tracking.connect(cfg.tracking.experiment)
-    X, y = loop.as_tensors(table["x"].to_numpy(), table["y"].to_numpy())
-    model = loop.make_model(p.init_seed)
+    dtype = getattr(torch, p.dtype)
+    X, y = loop.as_arrays(X64, y64, dtype)
+    model = loop.make_model(p.init_seed, k, dtype)
+    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum)
+    names = loop.weight_names(k)
 
     with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run_id:
         cli.log.info("MLflow run %s in %s", run_id, tracker.uri)
         tracker.set_tags(run_id, tracking.provenance_tags("train") | {"data_md5": data_md5})
-        init = {"init.weight": model.weight.item(), "init.bias": model.bias.item()}
+        w0, b0 = learner.params()
+        init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
         tracker.log_params(run_id, cfg.flat() | init | {"data.n_train": len(table)})
         tracker.log_dataset(run_id, table, source=args.data, name="train", digest=data_md5, context="training")
 
-        traj = loop.fit(model, X, y, p.optimizer, p.lr, p.epochs)
+        traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed)
         frame = traj.frame()
-        shown = sorted({*range(0, p.epochs, max(1, p.epochs // 10)), p.epochs - 1})  # ~10 lines and the last
-        for row in frame.iloc[shown].itertuples():
-            cli.log.info("epoch %5d  loss %.6g  weight %.6f  bias %.6f", row.epoch, row.loss, row.weight, row.bias)
-
-        write_bytes_atomic(args.model, state_dict_bytes(model))
-        data.write_table(frame, args.trajectory)
+        shown = sorted({*range(0, len(frame), max(1, p.epochs // 10)), len(frame) - 1})  # ~10 lines and the last
+        for row in frame.iloc[shown].itertuples(index=False):
+            cli.log.info(
+                "epoch %5d  loss %.6g  %s",
+                row.epoch,
+                row.loss,
+                "  ".join(f"{n} {getattr(row, n):.6f}" for n in [*names, "bias"]),
+            )
 
         steps = traj.epochs
-        tracker.log_series(
-            run_id,
-            {
-                "loss": (steps, traj.column("loss")),
-                "grad_weight": (steps, traj.column("grad_weight")),
-                "grad_bias": (steps, traj.column("grad_bias")),
-                # Step 0 is the random initialisation, so the curves start where training started.
-                "weight": ([0, *steps], [traj.init_weight, *traj.column("weight")]),
-                "bias": ([0, *steps], [traj.init_bias, *traj.column("bias")]),
-            },
-        )
-        tracker.log_metrics(run_id, {"final_loss": float(traj.column("loss")[-1])}, step=p.epochs)
-        tracker.log_artifact(run_id, args.trajectory)
+        series: dict[str, tuple[Any, Any]] = {
+            c: (steps, traj.column(c)) for c in loop.trajectory_columns(k)[1:] if c not in (*names, "bias")
+        }
+        # Step 0 of weight and bias is the random initialisation, so their curves start where training did.
+        for i, n in enumerate(names):
+            series[n] = ([0, *steps], [traj.init_weight[i], *traj.column(n)])
+        series["bias"] = ([0, *steps], [traj.init_bias, *traj.column("bias")])
+        if p.batch_size is not None:
+            series["batch_loss"] = (np.arange(1, len(traj.batch_loss) + 1), traj.batch_loss)
+        tracker.log_series(run_id, series)
+        if traj.diverged_at is not None:
+            # The run keeps the trajectory up to the failure; the stage's outputs are not written at all.
+            with tempfile.TemporaryDirectory() as tmp:
+                data.write_table(frame, Path(tmp) / "trajectory.csv")
+                tracker.log_artifact(run_id, Path(tmp) / "trajectory.csv")
+            raise DivergenceError(
+                f"train: loss is not finite at epoch {traj.diverged_at} with train.lr = {p.lr}; the largest stable "
+                f"learning rate for this data is {stab.lr_max:.4g}"
+            )
+
+        loop.load_params(model, traj.weights()[-1], traj.column("bias")[-1:])
+        report = analyse(X64, y64, traj, stab, p)
+        write_bytes_atomic(args.model, state_dict_bytes(model))
+        data.write_table(frame, args.trajectory)
+        write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
+
+        flat = {k: v for k, v in tracking.flatten(report).items() if not k.startswith("init.")}
+        tracker.log_metrics(run_id, flat, step=p.epochs)
+        for path in (args.trajectory, args.metrics):
+            tracker.log_artifact(run_id, path)
         tracker.log_artifact(run_id, args.model, "model")
         # Last: evaluate finds this run by the model's hash, so the tag marks a complete run.
         tracker.set_tags(run_id, {tracking.MODEL_TAG: md5_file(args.model)})
 
+    c = report["convergence"]
+    cli.log.info(
+        "within %g of the closed form after %s epochs (theory: at most %s); lr limit %.4g; autograd vs analytic "
+        "gradient: max |diff| %.3g",
+        c["tolerance"],
+        c["observed_epochs"],
+        c["predicted_epochs"],
+        report["stability"]["lr_max"],
+        report["gradient_check"]["max_abs_diff"],
+    )
     # As the seed document ends: the learned parameters, straight from the model.
     for name, param in model.named_parameters():
         print(name, param.data)
@@ -81,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="train table to read (CSV)")
     p.add_argument("--model", required=True, help="state_dict to write (torch.save)")
     p.add_argument("--trajectory", required=True, help="per-epoch trajectory to write (CSV)")
+    p.add_argument("--metrics", required=True, help="training metrics to write (JSON): theory vs observed")
     return cli.run("train", train, p.parse_args(argv))
 
 

@@ -59,6 +59,17 @@ def test_int_accepted_where_float_expected() -> None:
         ("generate", "x_dist", "cauchy", "generate.x_dist"),
         ("generate", "x_scale", 0.0, "generate.x_scale"),
         ("tracking", "experiment", " ", "tracking.experiment"),
+        ("train", "method", "jax", "train.method = 'jax'"),
+        ("train", "momentum", 1.0, "must be in [0, 1)"),
+        ("train", "batch_size", 0, "train.batch_size = 0"),
+        ("train", "batch_size", 81, "between 1 and the 80 training samples"),
+        ("train", "batch_size", "all", "expected int, got str"),
+        ("train", "dtype", "float16", "train.dtype"),
+        ("train", "convergence_tol", 0, "train.convergence_tol"),
+        ("train", "allow_divergence", "yes", "expected bool, got str"),
+        ("generate", "true_weights", [], "non-empty list"),
+        ("generate", "true_weights", 3.0, "non-empty list"),
+        ("generate", "true_weights", [3.0, "a"], "generate.true_weights[1] = 'a'"),
     ],
 )
 def test_bad_values_name_file_key_and_value(section: str, key: str, value: Any, fragment: str) -> None:
@@ -66,6 +77,19 @@ def test_bad_values_name_file_key_and_value(section: str, key: str, value: Any, 
         parse_with(section, key, value)
     message = str(err.value)
     assert message.startswith("params.yaml: ") and fragment in message and "\n" not in message
+
+
+def test_hand_written_methods_accept_sgd_only_and_momentum_belongs_to_sgd() -> None:
+    raw = raw_defaults()
+    raw["train"] |= {"method": "numpy", "optimizer": "adam"}
+    with pytest.raises(ConfigError, match="implements sgd only"):
+        config.parse(raw, "params.yaml")
+    raw["train"] |= {"method": "nn", "momentum": 0.9}
+    with pytest.raises(ConfigError, match="applies to sgd only"):
+        config.parse(raw, "params.yaml")
+    raw["train"] |= {"optimizer": "sgd", "batch_size": 8, "dtype": "float64"}
+    cfg = config.parse(raw, "params.yaml")
+    assert cfg.train.batch_size == 8 and cfg.train.momentum == 0.9
 
 
 def test_missing_key_and_unknown_section_are_refused() -> None:

@@ -45,7 +45,7 @@ def test_split_sizes(cfg: config.Config) -> None:
 def test_generated_statistics_match_the_params(cfg: config.Config, dist: str) -> None:
     n = 200_000
     p = dataclasses.replace(
-        cfg.generate, n_samples=n, x_dist=dist, x_loc=1.5, x_scale=2.0, w_true=-2.0, b_true=0.5, noise_std=0.3
+        cfg.generate, n_samples=n, x_dist=dist, x_loc=1.5, x_scale=2.0, true_weights=[-2.0], b_true=0.5, noise_std=0.3
     )
     train, test = data.generate(p)
     df = pd.concat([train, test])
@@ -64,7 +64,18 @@ def test_generated_statistics_match_the_params(cfg: config.Config, dist: str) ->
 
 def test_zero_noise_puts_every_point_on_the_line(cfg: config.Config) -> None:
     train, _ = data.generate(dataclasses.replace(cfg.generate, noise_std=0.0))
-    assert np.allclose(train["y"], cfg.generate.w_true * train["x"] + cfg.generate.b_true, rtol=0, atol=1e-12)
+    assert np.allclose(train["y"], cfg.generate.true_weights[0] * train["x"] + cfg.generate.b_true, rtol=0, atol=1e-12)
+
+
+def test_several_features_are_independent_columns_with_their_own_weights(cfg: config.Config) -> None:
+    n = 100_000
+    p = dataclasses.replace(cfg.generate, n_samples=n, true_weights=[1.0, -2.0, 0.5], noise_std=0.2)
+    train, test = data.generate(p)
+    assert list(train.columns) == ["x1", "x2", "x3", "y"]
+    X, y = data.split_xy(pd.concat([train, test]))
+    assert np.all(np.abs(np.corrcoef(X.T) - np.eye(3)) < 5 / math.sqrt(n))
+    noise = y - X @ np.array([1.0, -2.0, 0.5])
+    assert abs(noise.std() - 0.2) < 0.01 * 0.2
 
 
 @pytest.mark.parametrize(

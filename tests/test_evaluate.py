@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, data, evaluate, loop, plots, theory
+from pipeline import config, data, evaluate, loop, plots, theory, tracking
 from pipeline.data import DataError
 from pipeline.theory import LineFit
 from pipeline.train import state_dict_bytes
@@ -18,7 +18,7 @@ from pipeline.train import state_dict_bytes
 
 def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Config) -> None:
     train, test = data.generate(cfg.generate)
-    learned = LineFit(weight=2.9, bias=0.1)
+    learned = LineFit(weights=np.array([2.9]), bias=0.1)
     m = evaluate.compute_metrics(cfg.generate, learned, train, test)
 
     x, y = train["x"].to_numpy(), train["y"].to_numpy()
@@ -29,7 +29,7 @@ def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Con
     # Var(coef) = s^2 (A^T A)^-1 with s^2 = RSS / (n - 2): the slope's standard error is the [0, 0] entry.
     cov = rss[0] / (len(x) - 2) * np.linalg.inv(A.T @ A)
     assert m["statistical_error"]["weight_se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-10)
-    assert m["statistical_error"]["weight"] == pytest.approx(abs(coef[0] - cfg.generate.w_true), abs=1e-12)
+    assert m["statistical_error"]["weight"] == pytest.approx(abs(coef[0] - 3.0), abs=1e-12)
     assert m["optimisation_gap"]["weight"] == pytest.approx(abs(2.9 - coef[0]), abs=1e-12)
 
     xt, yt = test["x"].to_numpy(), test["y"].to_numpy()
@@ -37,18 +37,30 @@ def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Con
     assert m["test"]["mse_learned"] == pytest.approx(np.mean(residual**2), rel=1e-12)
     assert m["test"]["r2_learned"] == pytest.approx(1 - np.sum(residual**2) / np.sum((yt - yt.mean()) ** 2), rel=1e-12)
     assert m["train"]["mse_closed_form"] == pytest.approx(rss[0] / len(x), rel=1e-10)
-    assert m["weight"]["true"] == cfg.generate.w_true and m["weight"]["learned"] == 2.9
+    assert m["weight"]["true"] == 3.0 and m["weight"]["learned"] == 2.9
 
 
 def test_noise_free_data_has_zero_error_and_standard_error(cfg: config.Config) -> None:
     train, test = data.generate(dataclasses.replace(cfg.generate, noise_std=0.0))
-    m = evaluate.compute_metrics(cfg.generate, LineFit(3.0, 0.0), train, test)
+    m = evaluate.compute_metrics(cfg.generate, LineFit(np.array([3.0]), 0.0), train, test)
     assert m["statistical_error"]["weight"] < 1e-12 and m["statistical_error"]["weight_se"] < 1e-7
     assert m["test"]["r2_closed_form"] == pytest.approx(1.0)
 
 
-def test_flatten_names_like_dvc() -> None:
-    assert evaluate.flatten({"a": {"b": 1, "c": {"d": 2.5}}, "e": 3}) == {"a.b": 1.0, "a.c.d": 2.5, "e": 3.0}
+def test_several_features_get_one_entry_per_coefficient(cfg: config.Config) -> None:
+    p = dataclasses.replace(cfg.generate, true_weights=[1.0, -2.0], n_samples=200)
+    train, test = data.generate(p)
+    X, y = data.split_xy(train)
+    coef = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)[0]
+    m = evaluate.compute_metrics(p, LineFit(np.array([1.0, -2.0]), 0.0), train, test)
+    assert [m["weight_1"]["closed_form"], m["weight_2"]["closed_form"]] == pytest.approx(coef[:2], abs=1e-12)
+    assert set(m["statistical_error"]) == {"weight_1", "weight_2", "weight_1_se", "weight_2_se"}
+    assert m["weight_2"]["true"] == -2.0
+
+
+def test_flatten_names_like_dvc_and_skips_what_does_not_apply() -> None:
+    tree = {"a": {"b": 1, "c": {"d": 2.5}, "n": None}, "e": 3}
+    assert tracking.flatten(tree) == {"a.b": 1.0, "a.c.d": 2.5, "e": 3.0}
 
 
 def test_model_file_round_trips_without_pickle(tmp_path: Path) -> None:
@@ -81,13 +93,19 @@ def test_plots_are_png_and_byte_stable(cfg: config.Config) -> None:
     loss = np.exp(-epochs / 3.0)
     first = plots.loss_plot(epochs, loss, 0.01)
     assert first.startswith(b"\x89PNG\r\n\x1a\n") and first == plots.loss_plot(epochs, loss, 0.01)
-    line = LineFit(3.0, 0.0)
-    x = np.linspace(-1, 1, 5)
-    assert plots.fit_plot(x, 3 * x, x, 3 * x, {"true": line}).startswith(b"\x89PNG")
-    assert plots.params_plot(epochs, loss, loss, line, line).startswith(b"\x89PNG")
+    line = LineFit(np.array([3.0]), 0.0)
+    x = np.linspace(-1, 1, 5).reshape(-1, 1)
+    assert plots.fit_plot(x, 3 * x[:, 0], x, 3 * x[:, 0], {"true": line}).startswith(b"\x89PNG")
+    assert plots.params_plot(epochs, {"weight": loss, "bias": loss}, line, line).startswith(b"\x89PNG")
+    two = LineFit(np.array([3.0, 1.0]), 0.0)
+    X2 = np.column_stack([x[:, 0], x[:, 0] ** 2])
+    assert plots.fit_plot(X2, X2 @ two.weights, X2, X2 @ two.weights, {"true": two}).startswith(b"\x89PNG")
+    path = np.linspace(0, 3, 10)
+    assert plots.landscape_plot(x, 3 * x[:, 0], line, line, path, path / 10, "weight").startswith(b"\x89PNG")
+    assert plots.convergence_plot(np.geomspace(3, 1e-5, 20), 1e-4, 0.5, 16).startswith(b"\x89PNG")
 
 
 def test_closed_form_is_exact_on_a_known_line() -> None:
     x = np.array([0.0, 1.0, 2.0, 3.0])
-    fit = theory.closed_form(x, 2.0 * x - 1.0)
+    fit = theory.closed_form(x.reshape(-1, 1), 2.0 * x - 1.0)
     assert fit.weight == pytest.approx(2.0) and fit.bias == pytest.approx(-1.0)

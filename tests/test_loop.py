@@ -1,6 +1,9 @@
-"""The five-step loop, checked against hand-derived math: analytic gradients, the SGD update, least squares."""
+"""The training loop's mechanics, checked against hand-derived math: analytic gradients, the SGD update,
+least squares, mini-batches, momentum and divergence."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,84 +12,124 @@ import torch
 from pipeline import config, data, loop
 
 
-def train_arrays(cfg: config.Config) -> tuple[np.ndarray, np.ndarray]:
-    train, _ = data.generate(cfg.generate)
-    return train["x"].to_numpy(), train["y"].to_numpy()
+def train_arrays(cfg: config.Config, **generate: object) -> tuple[np.ndarray, np.ndarray]:
+    train, _ = data.generate(dataclasses.replace(cfg.generate, **generate))  # type: ignore[arg-type]
+    return data.split_xy(train)
 
 
-def fit_defaults(cfg: config.Config, dtype: torch.dtype = torch.float32, **kw: object) -> loop.Trajectory:
-    x, y = train_arrays(cfg)
-    X, Y = loop.as_tensors(x, y, dtype)
-    model = loop.make_model(cfg.train.init_seed).to(dtype)
-    args = {"optimizer_name": "sgd", "lr": cfg.train.lr, "epochs": cfg.train.epochs} | kw
-    return loop.fit(model, X, Y, **args)  # type: ignore[arg-type]
+def run(
+    cfg: config.Config,
+    method: str = "nn",
+    dtype: torch.dtype = torch.float32,
+    X64: np.ndarray | None = None,
+    y64: np.ndarray | None = None,
+    **train: object,
+) -> loop.Trajectory:
+    """Train like the train stage does, with cfg.train overridden by `train`."""
+    p = dataclasses.replace(cfg.train, method=method, **train)  # type: ignore[arg-type]
+    if X64 is None or y64 is None:
+        X64, y64 = train_arrays(cfg)
+    X, y = loop.as_arrays(X64, y64, dtype)
+    model = loop.make_model(p.init_seed, X.shape[1], dtype)
+    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum)
+    return loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed)
 
 
-def params_before_each_step(t: loop.Trajectory) -> tuple[np.ndarray, np.ndarray]:
-    w = np.concatenate(([t.init_weight], t.column("weight")[:-1])).astype(np.float64)
+def params_before_each_epoch(t: loop.Trajectory) -> tuple[np.ndarray, np.ndarray]:
+    w = np.vstack([t.init_weight, t.weights()[:-1]]).astype(np.float64)
     b = np.concatenate(([t.init_bias], t.column("bias")[:-1])).astype(np.float64)
     return w, b
 
 
 def test_recorded_loss_and_gradients_equal_the_analytic_ones(cfg: config.Config) -> None:
-    x, y = train_arrays(cfg)
-    t = fit_defaults(cfg)
-    w, b = params_before_each_step(t)
-    residual = w[:, None] * x[None, :] + b[:, None] - y[None, :]  # (epochs, N), in float64
+    X, y = train_arrays(cfg)
+    t = run(cfg)
+    w, b = params_before_each_epoch(t)
+    residual = w @ X.T + b[:, None] - y[None, :]  # (epochs, N) in float64
     # L = mean(r^2);  dL/dw = 2/N sum(r x);  dL/db = 2/N sum(r)
     np.testing.assert_allclose(t.column("loss"), (residual**2).mean(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(t.column("grad_weight"), 2 * (residual * x).mean(axis=1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(t.column("grad_weight"), 2 * (residual * X[:, 0]).mean(axis=1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(t.column("grad_bias"), 2 * residual.mean(axis=1), rtol=1e-4, atol=1e-6)
 
 
-def test_each_step_is_p_minus_lr_times_grad(cfg: config.Config) -> None:
-    t = fit_defaults(cfg, dtype=torch.float64)
-    w, b = params_before_each_step(t)
-    lr = cfg.train.lr
-    np.testing.assert_allclose(t.column("weight"), w - lr * t.column("grad_weight"), rtol=1e-15, atol=1e-15)
-    np.testing.assert_allclose(t.column("bias"), b - lr * t.column("grad_bias"), rtol=1e-15, atol=1e-15)
-
-
 def test_gradient_descent_reaches_least_squares(cfg: config.Config) -> None:
-    x, y = train_arrays(cfg)
-    A = np.column_stack([x, np.ones_like(x)])
+    X, y = train_arrays(cfg)
+    A = np.column_stack([X, np.ones(len(X))])
     (w_ls, b_ls), *_ = np.linalg.lstsq(A, y, rcond=None)
-    t = fit_defaults(cfg, dtype=torch.float64, epochs=400)
+    t = run(cfg, dtype=torch.float64, epochs=400)
     assert abs(t.column("weight")[-1] - w_ls) < 1e-10 and abs(t.column("bias")[-1] - b_ls) < 1e-10
-    t32 = fit_defaults(cfg)  # the defaults: float32, 100 epochs
+    t32 = run(cfg)  # the defaults: float32, 100 epochs
     assert abs(t32.column("weight")[-1] - w_ls) < 1e-4
 
 
-def test_loss_decreases_every_epoch_at_a_stable_rate(cfg: config.Config) -> None:
-    loss = fit_defaults(cfg, dtype=torch.float64).column("loss")
-    assert np.all(np.diff(loss) < 0)
+def test_several_features_reach_least_squares(cfg: config.Config) -> None:
+    X, y = train_arrays(cfg, true_weights=[1.0, -2.0, 0.5], n_samples=400)
+    coef, *_ = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)
+    for method in loop.METHODS:
+        t = run(cfg, method, torch.float64, X, y, epochs=400)
+        assert t.weights().shape == (400, 3)
+        np.testing.assert_allclose(np.append(t.weights()[-1], t.column("bias")[-1]), coef, atol=1e-9)
+    assert list(t.frame().columns) == loop.trajectory_columns(3)
+    assert loop.trajectory_columns(3)[2:6] == ["grad_weight_1", "grad_weight_2", "grad_weight_3", "grad_bias"]
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
 def test_each_optimizer_lowers_the_loss(cfg: config.Config, name: str) -> None:
-    loss = fit_defaults(cfg, optimizer_name=name, lr=0.05, epochs=50).column("loss")
+    loss = run(cfg, optimizer=name, lr=0.05, epochs=50).column("loss")
     assert loss[-1] < 0.1 * loss[0]
 
 
-def test_trajectory_frame_layout(cfg: config.Config) -> None:
-    frame = fit_defaults(cfg, epochs=7).frame()
-    assert tuple(frame.columns) == loop.TRAJECTORY_COLUMNS
-    assert frame["epoch"].tolist() == list(range(1, 8))
+@pytest.mark.parametrize("method", loop.METHODS)
+def test_momentum_matches_torch_sgd_for_every_method(cfg: config.Config, method: str) -> None:
+    reference = run(cfg, "nn", torch.float64, momentum=0.9, epochs=60)
+    t = run(cfg, method, torch.float64, momentum=0.9, epochs=60)
+    np.testing.assert_allclose(t.values, reference.values, rtol=1e-11, atol=1e-13)
 
 
-def test_initialisation_is_seeded_random_trainable_and_leaves_global_rng_alone() -> None:
+def test_mini_batches_are_seeded_cover_every_row_and_agree_across_methods(cfg: config.Config) -> None:
+    rng = np.random.default_rng(0)
+    parts = list(loop.batches(10, 4, rng))
+    assert [len(p) for p in parts] == [4, 4, 2]  # type: ignore[arg-type]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(10))  # type: ignore[arg-type]
+    a = run(cfg, "nn", torch.float64, batch_size=16, epochs=20)
+    b = run(cfg, "numpy", torch.float64, batch_size=16, epochs=20)
+    assert len(a.batch_loss) == 20 * 5  # 80 rows in batches of 16: 5 steps per epoch
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-11, atol=1e-13)
+    c = run(cfg, "nn", torch.float64, batch_size=16, epochs=20, shuffle_seed=1)
+    assert not np.array_equal(a.batch_loss, c.batch_loss)  # another shuffle, another path
+    # Stochastic: the path differs from full batch, and with 5 steps per epoch it gets near the optimum sooner.
+    full = run(cfg, "nn", torch.float64, epochs=20)
+    assert not np.allclose(a.column("weight"), full.column("weight"))
+    X, y = train_arrays(cfg)
+    w_ls = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)[0][0]
+    assert abs(a.column("weight")[-1] - w_ls) < 0.01 < abs(full.column("weight")[-1] - w_ls)
+
+
+def test_epoch_row_of_mini_batches_is_the_size_weighted_mean_of_its_steps(cfg: config.Config) -> None:
+    t = run(cfg, "numpy", torch.float64, batch_size=30, epochs=3)  # 80 rows: batches of 30, 30, 20
+    per_epoch = t.batch_loss.reshape(3, 3)
+    np.testing.assert_allclose(t.column("loss"), per_epoch @ np.array([30, 30, 20]) / 80, rtol=1e-14)
+
+
+def test_divergence_stops_at_the_first_non_finite_loss(cfg: config.Config) -> None:
+    t = run(cfg, "nn", torch.float32, lr=50.0, epochs=10_000)
+    assert t.diverged_at is not None and t.diverged_at < 10_000
+    assert len(t.values) == t.diverged_at
+    assert np.all(np.isfinite(t.column("loss")[:-1])) and not np.isfinite(t.column("loss")[-1])
+
+
+def test_initialisation_is_seeded_random_and_leaves_global_rng_alone() -> None:
     before = torch.random.get_rng_state()
     a, b, c = loop.make_model(0), loop.make_model(0), loop.make_model(1)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     assert not torch.equal(a.weight, c.weight)
-    assert all(p.requires_grad for p in a.parameters())
 
 
 def test_train_step_runs_the_five_steps_in_order() -> None:
     calls: list[str] = []
     model = loop.make_model(0)
-    X, Y = loop.as_tensors(np.array([1.0, 2.0]), np.array([3.0, 6.0]))
+    X, Y = (torch.from_numpy(a) for a in loop.as_arrays(np.array([1.0, 2.0]), np.array([3.0, 6.0])))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.register_forward_hook(lambda *_: calls.append("forward"))
     criterion = torch.nn.MSELoss()

@@ -65,7 +65,12 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     assert run.data.tags["data_md5"] == run.inputs.dataset_inputs[0].dataset.digest
     assert run.data.tags["mlflow.source.git.commit"] == sh(repro_repo, "git", "rev-parse", "HEAD").stdout.strip()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"trajectory.csv", "metrics.json", "model", "plots"} <= artifacts
+    assert {"trajectory.csv", "metrics.json", "train.json", "model", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/landscape.png", "plots/convergence.png"} <= plots
+    t = json.loads((repro_repo / "data/metrics/train.json").read_text())
+    assert run.data.metrics["convergence.predicted_epochs"] == t["convergence"]["predicted_epochs"]
+    assert run.data.metrics["convergence.observed_epochs"] == t["convergence"]["observed_epochs"]
     # The artifacts sit beside the store, under the repository root, not in whatever folder a stage ran in.
     assert run.info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
 
@@ -130,3 +135,18 @@ def test_queued_experiment_logs_into_the_repository_store(repro_repo: Path) -> N
     assert "weight.learned" in runs[0].data.metrics
     assert runs[0].info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
     assert not list((repro_repo / ".dvc" / "tmp").rglob("mlflow.db")), "a stray store inside DVC's temp copy"
+
+
+@pytest.mark.parametrize("method", ["numpy", "autograd"])
+def test_every_method_learns_the_default_weight(repro_repo: Path, method: str) -> None:
+    sh(repro_repo, "dvc", "exp", "run", "-S", "train.lr=0.1", "-S", f"train.method={method}")
+    client, exp_id = store(repro_repo)
+
+    def learned(method: str) -> float:
+        filter_string = f"params.`train.method` = '{method}' and params.`train.lr` = '0.1'"
+        runs = client.search_runs([exp_id], filter_string=filter_string, order_by=["attributes.start_time DESC"])
+        assert runs, f"no run with method {method}"
+        return runs[0].data.metrics["weight.learned"]
+
+    # float32 sums in a different order: agreement to float32 precision, not bit for bit.
+    assert learned(method) == pytest.approx(learned("nn"), rel=1e-6)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
 
-from pipeline import evaluate, generate, train
+from pipeline import evaluate, generate, tracking, train
 from tests.conftest import REPO
 
 
@@ -45,11 +48,18 @@ def test_bad_params_fail_every_stage_in_one_line_writing_nothing(
     out = tmp_path / "out"
     runs = [
         (generate.main, ["--train", f"{out}/a.csv", "--test", f"{out}/b.csv"]),
-        (train.main, ["--data", f"{REPO}/params.yaml", "--model", f"{out}/m.pt", "--trajectory", f"{out}/t.csv"]),
+        (
+            train.main,
+            [
+                *("--data", f"{REPO}/params.yaml", "--model", f"{out}/m.pt", "--trajectory", f"{out}/t.csv"),
+                *("--metrics", f"{out}/train.json"),
+            ],
+        ),
         (
             evaluate.main,
             [
                 *("--train-data", "x", "--test-data", "x", "--model", "x", "--trajectory", "x"),
+                *("--train-metrics", "x"),
                 *("--metrics", f"{out}/m.json", "--plots", f"{out}/plots"),
             ],
         ),
@@ -69,7 +79,93 @@ def test_train_refuses_a_missing_data_file_before_any_work(tmp_path: Path, capsy
         str(tmp_path / "m.pt"),
         "--trajectory",
         str(tmp_path / "t"),
+        "--metrics",
+        str(tmp_path / "train.json"),
     ]
     assert train.main(["--params", str(REPO / "params.yaml"), *args]) == 2
     assert "no such data file" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty project folder: the stages' default MLflow store lands in its mlruns/."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    return tmp_path
+
+
+def run_pipeline(params: Path) -> list[int]:
+    """generate, train, evaluate with the paths dvc.yaml uses, relative to the current folder."""
+    p = ["--params", str(params)]
+    t = ["--model", "m/model.pt", "--trajectory", "m/trajectory.csv"]
+    evaluate_outputs = ["--train-metrics", "metrics/train.json", "--metrics", "metrics/eval.json", "--plots", "plots"]
+    codes = [generate.main([*p, "--train", "g/train.csv", "--test", "g/test.csv"])]
+    codes.append(train.main([*p, "--data", "g/train.csv", *t, "--metrics", "metrics/train.json"]))
+    if codes[-1] == 0:
+        codes.append(
+            evaluate.main([*p, "--train-data", "g/train.csv", "--test-data", "g/test.csv", *t, *evaluate_outputs])
+        )
+    return codes
+
+
+def only_run(workdir: Path) -> Run:
+    client = MlflowClient(tracking.default_uri(workdir))
+    experiment = client.get_experiment_by_name("linear-regression")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_two_features_mini_batches_and_numpy_run_end_to_end(workdir: Path) -> None:
+    params = params_with(workdir, "true_weights: [3.0]", "true_weights: [3.0, -1.0]")
+    text = params.read_text().replace("method: nn", "method: numpy").replace("batch_size: null", "batch_size: 16")
+    params.write_text(text.replace("epochs: 100", "epochs: 60"))
+    assert run_pipeline(params) == [0, 0, 0]
+    m = json.loads((workdir / "metrics/eval.json").read_text())
+    for name, true in (("weight_1", 3.0), ("weight_2", -1.0)):
+        assert m[name]["true"] == true and abs(m[name]["learned"] - true) < 0.1
+    assert sorted(p.name for p in (workdir / "plots").iterdir()) == [
+        "convergence.png",
+        "fit.png",
+        "landscape.png",
+        "loss.png",
+        "params.png",
+    ]
+    run = only_run(workdir)
+    assert run.info.status == "FINISHED" and run.data.params["train.method"] == "numpy"
+    client = MlflowClient(tracking.default_uri(workdir))
+    assert len(client.get_metric_history(run.info.run_id, "batch_loss")) == 60 * 5  # 80 rows / 16 per batch
+    assert len(client.get_metric_history(run.info.run_id, "weight_2")) == 61
+    assert {"stability.lr_max", "gradient_check.max_abs_diff", "weight_2.learned"} <= set(run.data.metrics)
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/landscape.png", "plots/convergence.png"} <= plots
+
+
+def test_learning_rate_above_the_stability_limit_is_refused_before_any_work(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = params_with(workdir, "lr: 0.1 ", "lr: 1.5 ")
+    assert run_pipeline(params) == [0, 2]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "train.lr = 1.5: at or above the largest stable learning rate 0.99" in err
+    assert not (workdir / "m").exists() and not (workdir / "mlruns").exists()
+
+
+def test_divergence_demonstration_fails_the_run_and_keeps_its_trajectory(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = params_with(workdir, "lr: 0.1 ", "lr: 1.5 ")
+    params.write_text(params.read_text().replace("allow_divergence: false", "allow_divergence: true"))
+    params.write_text(params.read_text().replace("epochs: 100", "epochs: 5000"))
+    assert run_pipeline(params) == [0, 2]
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss is not finite at epoch" in err and "train.lr = 1.5" in err and "largest stable" in err
+    assert not (workdir / "m" / "model.pt").exists() and not (workdir / "m" / "trajectory.csv").exists()
+    run = only_run(workdir)
+    assert run.info.status == "FAILED"
+    client = MlflowClient(tracking.default_uri(workdir))
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["trajectory.csv"]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) > 10

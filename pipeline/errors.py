@@ -1,0 +1,17 @@
+"""The errors a user can fix from the message alone. Stages print them as one line and exit with status 2."""
+
+
+class PipelineError(Exception):
+    """Base of the user-facing errors; the message names the file, key or value at fault."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A params file that cannot be used; the message names the file, the key and the value."""
+
+
+class DataError(PipelineError, ValueError):
+    """A data or model file that cannot be used; the message names the path and the problem."""
+
+
+class DivergenceError(PipelineError, RuntimeError):
+    """Training produced a non-finite loss; the message names the epoch and the learning rates."""
