@@ -36,8 +36,11 @@ lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
 	ruff check --fix pipeline tests
 	ruff format pipeline tests
 
-ui: $(VENV)/.installed ## Open the MLflow UI on http://127.0.0.1:5000 against the pipeline's store
-	mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port 5000
+# Loopback only, with MLflow's host-header and CORS checks left on: never --host 0.0.0.0, --allowed-hosts '*'
+# or --disable-security-middleware here (tests/test_reliability.py checks a foreign Host gets 403).
+UI_PORT ?= 5000
+ui: $(VENV)/.installed ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...) against the pipeline's store
+	mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port $(UI_PORT)
 
 lock: ## Re-resolve the dependencies from pyproject.toml and rewrite requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

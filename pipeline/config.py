@@ -203,8 +203,9 @@ def read_yaml(path: Path) -> Any:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     try:
-        # typ="safe" builds only plain data: a `!!python/object` tag raises instead of running code.
-        return YAML(typ="safe", pure=True).load(text)
+        # Exactly DVC's parser (dvc.utils.serialize.parse_yaml), so `dvc exp run -S`, `dvc params diff` and the
+        # stage agree on what a value means. typ="safe" builds plain data only: a `!!python/...` tag raises.
+        return YAML(typ="safe").load(text)
     except YAMLError as e:
         first = str(e).strip().splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML: {first}") from None

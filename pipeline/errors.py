@@ -15,3 +15,7 @@ class DataError(PipelineError, ValueError):
 
 class DivergenceError(PipelineError, RuntimeError):
     """Training produced a non-finite loss; the message names the epoch and the learning rates."""
+
+
+class TrackingError(PipelineError, RuntimeError):
+    """The MLflow tracking store cannot be used; the message names its URI."""

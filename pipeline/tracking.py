@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import time
+import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,6 +25,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME
+
+from pipeline.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +151,37 @@ class Tracker:
         self.client.log_inputs(run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file under the run's artifacts, at `artifact_path` or at the top.
+
+        MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that).
+        """
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, when a tracking server does not answer (MLflow's own client would
+    retry with back-off for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
+        reason = getattr(e, "reason", e)
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({reason}); start it or unset "
+            f"MLFLOW_TRACKING_URI to use the project's own store"
+        ) from None
 
 
 def connect(experiment: str, root: Path | None = None) -> Tracker:
     """Open the store (creating it and the experiment on first use) and return a Tracker."""
     root = root or project_root()
     uri = tracking_uri(root)
-    client = MlflowClient(tracking_uri=uri)
+    check_reachable(uri)
     with _store_lock(uri):
+        # Inside the lock: the client opens the store, which is when MLflow migrates a new database.
+        client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return Tracker(client, found.experiment_id, uri)

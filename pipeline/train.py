@@ -74,6 +74,7 @@ def train(args: argparse.Namespace) -> None:
     p = cfg.train
     # Set before any tensor work: float32 reductions at large N depend on the thread count.
     torch.set_num_threads(p.threads)
+    torch.use_deterministic_algorithms(True)  # an op without a deterministic kernel raises instead of varying
     table = data.read_table(args.data)
     X64, y64 = data.split_xy(table)
     k = X64.shape[1]

@@ -88,6 +88,10 @@ def test_several_features_are_independent_columns_with_their_own_weights(cfg: co
         ("x,y\n1,2\n3,nan\n", "non-finite value nan at row 2"),
         ("x,y\n1,inf\n", "non-finite value inf at row 1"),
         ("x,y\n1,2\n3\n4,5,6\n", "not a readable CSV"),
+        ("x,y\n1.5,2.25\n3.0", "non-finite value nan at row 2"),  # truncated mid-row
+        ("x,y\n1,2\n3,4\n5,", "non-finite value nan at row 3"),  # truncated after a comma
+        ("x,z\n1,2\n", "expected columns ['x', 'y']"),
+        ("x1,x3,y\n1,2,3\n", "expected columns ['x1', 'x2', 'y']"),
     ],
 )
 def test_bad_tables_are_refused_naming_path_and_problem(tmp_path: Path, content: str, fragment: str) -> None:
@@ -96,6 +100,14 @@ def test_bad_tables_are_refused_naming_path_and_problem(tmp_path: Path, content:
     with pytest.raises(DataError) as err:
         data.read_table(path)
     assert str(err.value).startswith(f"{path}: ") and fragment in str(err.value)
+
+
+def test_binary_garbage_is_refused_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" * 50)
+    with pytest.raises(DataError) as err:
+        data.read_table(path)
+    assert str(err.value).startswith(f"{path}: ") and "\n" not in str(err.value)
 
 
 def test_missing_table_says_how_to_make_it(tmp_path: Path) -> None:
