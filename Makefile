@@ -8,7 +8,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test lint ui lock clean
+.PHONY: help install repro test test-fast lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,6 +31,9 @@ test: $(VENV)/.installed ## Lint, type-check and run the whole test suite, end-t
 	ruff format --check pipeline tests
 	mypy
 	python -m pytest
+
+test-fast: $(VENV)/.installed ## Only the unit tests (skips those marked slow, which run DVC, servers or subprocesses)
+	python -m pytest -m "not slow"
 
 lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
 	ruff check --fix pipeline tests

@@ -68,6 +68,7 @@ def test_params_spellings_mean_to_the_stage_what_they_mean_to_dvc(tmp_path: Path
 # Hostile YAML runs nothing, through DVC or directly.
 
 
+@pytest.mark.slow
 def test_python_tags_in_params_run_nothing_through_dvc_or_directly(repo: Path, tmp_path: Path) -> None:
     sentinel = tmp_path / "pwned"
     params = repo / "params.yaml"
@@ -86,6 +87,7 @@ def test_python_tags_in_params_run_nothing_through_dvc_or_directly(repo: Path, t
 # A stage killed mid-way leaves every output whole (or absent), and `dvc repro` recovers.
 
 
+@pytest.mark.slow
 def test_sigkill_during_training_leaves_no_truncated_output_and_repro_recovers(repo: Path) -> None:
     before = {p: (repo / p).read_bytes() for p in OUTPUTS}
     params = repo / "params.yaml"
@@ -127,6 +129,7 @@ def test_sigkill_during_training_leaves_no_truncated_output_and_repro_recovers(r
 # Same params, same bytes.
 
 
+@pytest.mark.slow
 def test_forced_reruns_are_byte_identical(repo: Path) -> None:
     before = {p: (repo / p).read_bytes() for p in OUTPUTS}
     plots = {p.name: p.read_bytes() for p in (repo / "data/plots").iterdir()}
@@ -138,6 +141,7 @@ def test_forced_reruns_are_byte_identical(repo: Path) -> None:
 # No duplicate runs; a run-cache restore stays findable.
 
 
+@pytest.mark.slow
 def test_noop_repro_makes_no_run_and_a_run_cache_restore_stays_findable(repo: Path) -> None:
     count = len(runs_in(repo))
     sh(repo, "dvc", "repro")
@@ -158,6 +162,7 @@ def test_noop_repro_makes_no_run_and_a_run_cache_restore_stays_findable(repo: Pa
 # An unreachable tracking server fails the stage in seconds, naming the URI, before any output.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["train", "evaluate"])
 def test_unreachable_tracking_server_fails_fast(repo: Path, tmp_path: Path, stage: str) -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
@@ -212,6 +217,7 @@ with t.run() as run_id:
 """
 
 
+@pytest.mark.slow
 def test_four_processes_creating_and_writing_a_fresh_store_all_succeed(tmp_path: Path) -> None:
     env = pipeline_env(PYTHONPATH=str(REPO))
     procs = [
@@ -231,6 +237,7 @@ def test_four_processes_creating_and_writing_a_fresh_store_all_succeed(tmp_path:
     assert all(len(client.get_metric_history(r.info.run_id, "m")) == 1500 for r in runs)
 
 
+@pytest.mark.slow
 def test_four_queued_experiments_on_two_workers_all_land_in_the_store(repo: Path) -> None:
     count = len(runs_in(repo))
     rates = ("0.02", "0.03", "0.04", "0.06")
@@ -256,6 +263,7 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_store(repo: Path
 # The UI stays on loopback with MLflow's host check on.
 
 
+@pytest.mark.slow
 def test_ui_command_binds_loopback_and_refuses_a_foreign_host_header(repo: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
@@ -297,6 +305,7 @@ def test_ui_command_binds_loopback_and_refuses_a_foreign_host_header(repo: Path)
 # Artifact paths stay inside the run.
 
 
+@pytest.mark.slow
 def test_every_logged_artifact_path_is_relative_and_inside_the_run(repo: Path) -> None:
     client = MlflowClient(tracking.default_uri(repo))
     for run in runs_in(repo):
@@ -334,6 +343,7 @@ def test_invalid_params_leave_no_output_and_no_run(tmp_path: Path, monkeypatch: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml"]  # no outputs, no mlruns/
 
 
+@pytest.mark.slow
 def test_metrics_files_are_plain_json(repo: Path) -> None:
     for name in ("train.json", "metrics.json"):
         json.loads((repo / "data/metrics" / name).read_text(), parse_constant=lambda c: pytest.fail(c))
