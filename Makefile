@@ -8,7 +8,7 @@ BIN    := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast lint ui lock clean
+.PHONY: help install repro test test-fast bench lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,9 @@ test: $(VENV)/.installed ## Lint, type-check and run the whole test suite, end-t
 
 test-fast: $(VENV)/.installed ## Only the unit tests (skips those marked slow, which run DVC, servers or subprocesses)
 	python -m pytest -m "not slow"
+
+bench: $(VENV)/.installed ## Measure the performance targets (P1-P3) and print them as ratios to their floors
+	python benchmarks/bench.py
 
 lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
 	ruff check --fix pipeline tests

@@ -17,6 +17,7 @@ X_DISTRIBUTIONS = ("normal", "uniform")
 OPTIMIZERS = ("sgd", "adam")
 METHODS = ("nn", "autograd", "numpy")
 DTYPES = ("float32", "float64")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class TrainParams:
     shuffle_seed: int
     dtype: str
     threads: int
+    compile: str
     convergence_tol: float
     allow_divergence: bool
 
@@ -175,6 +177,8 @@ def validate(cfg: Config) -> Config:
     _check(s, t.shuffle_seed >= 0, "train.shuffle_seed", t.shuffle_seed, "must be >= 0")
     _check(s, t.dtype in DTYPES, "train.dtype", t.dtype, f"must be one of {DTYPES}")
     _check(s, t.threads >= 1, "train.threads", t.threads, "must be >= 1")
+    _check(s, t.compile in COMPILE, "train.compile", t.compile, f"must be one of {COMPILE}")
+    _check(s, t.compile != "on" or t.method == "nn", "train.compile", t.compile, "compiles the nn method only")
     _check(s, t.convergence_tol > 0, "train.convergence_tol", t.convergence_tol, "must be > 0")
     _check(
         s, bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "must not be empty"

@@ -17,6 +17,16 @@ def feature_columns(n_features: int) -> list[str]:
     return ["x"] if n_features == 1 else [f"x{i}" for i in range(1, n_features + 1)]
 
 
+def weight_names(n_features: int) -> list[str]:
+    """`weight` for the seed's one-feature model, else weight_1 ... weight_k."""
+    return ["weight"] if n_features == 1 else [f"weight_{i}" for i in range(1, n_features + 1)]
+
+
+def trajectory_columns(n_features: int) -> list[str]:
+    weights = weight_names(n_features)
+    return ["epoch", "loss", *(f"grad_{w}" for w in weights), "grad_bias", *weights, "bias"]
+
+
 def sample_x(rng: np.random.Generator, dist: str, loc: float, scale: float, n: int | tuple[int, ...]) -> np.ndarray:
     """Independent draws of x: normal(mean=loc, std=scale) or uniform on [loc, loc + scale)."""
     if dist == "normal":

@@ -18,18 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn, optim
+from tqdm import tqdm
+
+from pipeline.data import trajectory_columns
 
 METHODS = ("nn", "autograd", "numpy")
-
-
-def weight_names(n_features: int) -> list[str]:
-    """`weight` for the seed's one-feature model, else weight_1 ... weight_k."""
-    return ["weight"] if n_features == 1 else [f"weight_{i}" for i in range(1, n_features + 1)]
-
-
-def trajectory_columns(n_features: int) -> list[str]:
-    weights = weight_names(n_features)
-    return ["epoch", "loss", *(f"grad_{w}" for w in weights), "grad_bias", *weights, "bias"]
 
 
 def make_model(init_seed: int, n_features: int = 1, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -110,14 +103,50 @@ class Learner(Protocol):
     def params(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def compiled_train_step() -> Any:
+    """train_step through torch.compile: the same five steps, fused into a few kernels.
+
+    Inductor is also told to rewrite nn.Linear's two matrix products as fused multiply-and-sum loops: the
+    weight gradient, a (1, N) @ (N, 1) product, runs ~40x slower than a dot product as a BLAS call and
+    dominates the eager step at large N. Measured at N = 1e7 on 2 cores, 1 thread: 65 ms eager, 26 ms
+    compiled, 21 ms compiled with the rewrite (benchmarks/bench.py, P3).
+    """
+    import torch._inductor.config as inductor_config
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    # Both products of nn.Linear(k, 1) are memory-bound (one side is k x 1): the forward X @ W.T as well.
+    limit = 2**62
+    inductor_config.post_grad_fusion_options = {
+        "decompose_mm_pass": {
+            "cpu_max_first_dimension_decomposition": limit,
+            "cpu_max_other_dimension_decomposition": limit,
+        }
+    }
+    # The pass reads these limits when its module is first imported: set them there too.
+    decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = limit
+    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = limit
+    torch.use_deterministic_algorithms(True)  # also turns on inductor's deterministic mode
+    return torch.compile(train_step)
+
+
 class NNLearner:
-    def __init__(self, model: nn.Linear, X: np.ndarray, y: np.ndarray, optimizer: str, lr: float, momentum: float):
+    def __init__(
+        self,
+        model: nn.Linear,
+        X: np.ndarray,
+        y: np.ndarray,
+        optimizer: str,
+        lr: float,
+        momentum: float,
+        compile: bool = False,
+    ):
         self.model, self.criterion = model, nn.MSELoss()
         self.optimizer = make_optimizer(optimizer, list(model.parameters()), lr, momentum)
         self.X, self.y = torch.from_numpy(X), torch.from_numpy(y)
+        self.train_step = compiled_train_step() if compile else train_step
 
     def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        loss = train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows])
+        loss = self.train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows])
         w, b = self.model.weight, self.model.bias
         assert w.grad is not None and b.grad is not None  # set by loss.backward()
         # .grad still holds this step's gradient: step() reads it but does not clear it.
@@ -204,11 +233,18 @@ def batches(n: int, batch_size: int | None, rng: np.random.Generator) -> Iterato
 
 
 def make_learner(
-    method: str, model: nn.Linear, X: np.ndarray, y: np.ndarray, optimizer: str, lr: float, momentum: float
+    method: str,
+    model: nn.Linear,
+    X: np.ndarray,
+    y: np.ndarray,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    compile: bool = False,
 ) -> Learner:
     """A learner for `method`, starting from `model`'s parameters (all three start from the same point)."""
     if method == "nn":
-        return NNLearner(model, X, y, optimizer, lr, momentum)
+        return NNLearner(model, X, y, optimizer, lr, momentum, compile)
     w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
     if method == "autograd":
         return AutogradLearner(w0, b0, X, y, lr, momentum)
@@ -217,14 +253,40 @@ def make_learner(
     raise ValueError(f"unknown method {method!r}")
 
 
-def fit(learner: Learner, n: int, epochs: int, batch_size: int | None = None, shuffle_seed: int = 0) -> Trajectory:
-    """Run `epochs` epochs and record the trajectory; stop early at the first non-finite loss."""
+def should_compile(setting: str, method: str, rows_per_step: int, epochs: int) -> bool:
+    """train.compile: on, off, or auto: compile the nn step when the eager work would take ~20 s or more.
+
+    Compiling costs 1-10 s once and pays back ~60 ns per row and step at large N; at small N it is slower.
+    """
+    if setting != "auto":
+        return setting == "on"
+    return method == "nn" and rows_per_step >= 100_000 and rows_per_step * epochs >= 3_000_000_000
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels for eager torch. torch.use_deterministic_algorithms(True) sets the same ATen switch
+    and also imports torch._inductor (~1 s) for compiled code; compiled_train_step calls it in full."""
+    torch._C._set_deterministic_algorithms(True)
+
+
+def fit(
+    learner: Learner,
+    n: int,
+    epochs: int,
+    batch_size: int | None = None,
+    shuffle_seed: int = 0,
+    progress: bool = False,
+) -> Trajectory:
+    """Run `epochs` epochs and record the trajectory; stop early at the first non-finite loss.
+
+    progress: show a progress bar on stderr (the caller decides: only on a terminal).
+    """
     w0, b0 = learner.params()
     k = w0.size
     rng = np.random.default_rng(shuffle_seed)
     rows, batch_losses = [], []
     diverged_at = None
-    for epoch in range(1, epochs + 1):
+    for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress, leave=False):
         loss_sum, gw_sum, gb_sum = 0.0, np.zeros(k), 0.0
         for part in batches(n, batch_size, rng):
             size = n if isinstance(part, slice) else len(part)

@@ -12,7 +12,9 @@ from pipeline.theory import LineFit, mse_grid
 # Figures are built with matplotlib's object API, not pyplot: no global figure state, no GUI backend.
 
 
-def _png(fig: Figure) -> bytes:
+def _png(fig: Figure, left: float = 0.12, right: float = 0.97, bottom: float = 0.12, top: float = 0.91) -> bytes:
+    # Fixed margins instead of tight_layout, which measured 0.14 s a figure: most of this stage's plotting.
+    fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
     buf = io.BytesIO()
     # No "Software" metadata: it carries matplotlib's version; the bytes should depend on the data only.
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
@@ -38,7 +40,6 @@ def fit_plot(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, lines
         ax.plot([lo, hi], [lo, hi], "k-", lw=1, label="prediction = actual")
         ax.set(xlabel="actual y", ylabel="predicted y", title=f"Predictions with {X.shape[1]} features")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return _png(fig)
 
 
@@ -51,7 +52,6 @@ def loss_plot(epochs: np.ndarray, loss: np.ndarray, floor: float) -> bytes:
     ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel="MSE", title="Loss per epoch")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return _png(fig)
 
 
@@ -68,7 +68,6 @@ def params_plot(epochs: np.ndarray, series: dict[str, np.ndarray], closed: LineF
         ax.legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("epoch")
     axes[0].set_title("Parameters per epoch")
-    fig.tight_layout()
     return _png(fig)
 
 
@@ -105,7 +104,6 @@ def landscape_plot(
     ax.plot(true.weight, true.bias, "rx", ms=9, mew=2, label=f"true ({true.weight:g}, {true.bias:g})")
     ax.set(xlabel=weight_name, ylabel="bias", title="Loss landscape and the optimiser's path", aspect="equal")
     ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
     return _png(fig)
 
 
@@ -124,5 +122,4 @@ def convergence_plot(distances: np.ndarray, tol: float, contraction: float, pred
         ax.axvline(predicted, color="tab:green", ls=":", lw=1, label=f"predicted epochs: {predicted}")
     ax.set(xlabel="epoch", ylabel="distance to the optimum", title="Convergence: theory vs observed")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     return _png(fig)

@@ -174,8 +174,43 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+class OfflineTracker(Tracker):
+    """What connect() returns with PIPELINE_TRACKING=off: the same calls, recorded nowhere."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None, experiment_id="", uri="(tracking off)")  # type: ignore[arg-type]
+
+    def find_run(self, model_md5: str) -> str | None:
+        return None
+
+    @contextmanager
+    def run(self, run_id: str | None = None, run_name: str | None = None) -> Iterator[str]:
+        yield "offline"
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_series(self, run_id: str, series: Mapping[str, tuple[Any, Any]]) -> None:
+        pass
+
+    def log_dataset(self, run_id: str, df: pd.DataFrame, source: str, name: str, digest: str, context: str) -> None:
+        pass
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+
 def connect(experiment: str, root: Path | None = None) -> Tracker:
-    """Open the store (creating it and the experiment on first use) and return a Tracker."""
+    """Open the store (creating it and the experiment on first use) and return a Tracker.
+
+    PIPELINE_TRACKING=off returns an OfflineTracker instead: for machines without a store, and for timing
+    what tracking costs (benchmarks/bench.py).
+    """
+    if os.environ.get("PIPELINE_TRACKING", "on") == "off":
+        return OfflineTracker()
     root = root or project_root()
     uri = tracking_uri(root)
     check_reachable(uri)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from pipeline import cli, config, data, loop, theory, tracking
@@ -21,14 +21,9 @@ from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
-    """The model's state_dict as torch.save bytes, identical for identical weights.
-
-    Saved through a buffer: given a path, torch.save names the archive's inner folder after the file, and
-    the atomic write's temporary name is random.
-    """
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getvalue()
+    """The model's state_dict in safetensors format: plain tensors, no pickle; identical bytes for identical
+    weights. Load it with safetensors (`load_file`) and `model.load_state_dict(...)`."""
+    return safetensors.torch.save(model.state_dict())
 
 
 def analyse(
@@ -64,7 +59,7 @@ def analyse(
             "observed_epochs": theory.observed_epochs(distances, p.convergence_tol),
         },
         "gradient_check": {"max_abs_diff": gradient_gap},
-        "init": dict(zip([*loop.weight_names(len(start.weights)), "bias"], start.params().tolist(), strict=True)),
+        "init": dict(zip([*data.weight_names(len(start.weights)), "bias"], start.params().tolist(), strict=True)),
         "final_loss": float(traj.column("loss")[-1]),
     }
 
@@ -74,7 +69,7 @@ def train(args: argparse.Namespace) -> None:
     p = cfg.train
     # Set before any tensor work: float32 reductions at large N depend on the thread count.
     torch.set_num_threads(p.threads)
-    torch.use_deterministic_algorithms(True)  # an op without a deterministic kernel raises instead of varying
+    loop.set_deterministic()  # an op without a deterministic kernel raises instead of varying
     table = data.read_table(args.data)
     X64, y64 = data.split_xy(table)
     k = X64.shape[1]
@@ -92,18 +87,20 @@ def train(args: argparse.Namespace) -> None:
     dtype = getattr(torch, p.dtype)
     X, y = loop.as_arrays(X64, y64, dtype)
     model = loop.make_model(p.init_seed, k, dtype)
-    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum)
-    names = loop.weight_names(k)
+    rows_per_step = min(len(X), p.batch_size or len(X))
+    compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs)
+    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step)
+    names = data.weight_names(k)
 
     with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run_id:
         cli.log.info("MLflow run %s in %s", run_id, tracker.uri)
         tracker.set_tags(run_id, tracking.provenance_tags("train") | {"data_md5": data_md5})
         w0, b0 = learner.params()
         init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
-        tracker.log_params(run_id, cfg.flat() | init | {"data.n_train": len(table)})
+        tracker.log_params(run_id, cfg.flat() | init | {"data.n_train": len(table), "compiled": compile_step})
         tracker.log_dataset(run_id, table, source=args.data, name="train", digest=data_md5, context="training")
 
-        traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed)
+        traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty())
         frame = traj.frame()
         shown = sorted({*range(0, len(frame), max(1, p.epochs // 10)), len(frame) - 1})  # ~10 lines and the last
         for row in frame.iloc[shown].itertuples(index=False):
@@ -116,7 +113,7 @@ def train(args: argparse.Namespace) -> None:
 
         steps = traj.epochs
         series: dict[str, tuple[Any, Any]] = {
-            c: (steps, traj.column(c)) for c in loop.trajectory_columns(k)[1:] if c not in (*names, "bias")
+            c: (steps, traj.column(c)) for c in data.trajectory_columns(k)[1:] if c not in (*names, "bias")
         }
         # Step 0 of weight and bias is the random initialisation, so their curves start where training did.
         for i, n in enumerate(names):
@@ -167,7 +164,7 @@ def train(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(__doc__ or "")
     p.add_argument("--data", required=True, help="train table to read (CSV)")
-    p.add_argument("--model", required=True, help="state_dict to write (torch.save)")
+    p.add_argument("--model", required=True, help="state_dict to write (safetensors)")
     p.add_argument("--trajectory", required=True, help="per-epoch trajectory to write (CSV)")
     p.add_argument("--metrics", required=True, help="training metrics to write (JSON): theory vs observed")
     return cli.run("train", train, p.parse_args(argv))

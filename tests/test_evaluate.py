@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from pipeline import config, data, evaluate, loop, plots, theory, tracking
@@ -65,10 +66,13 @@ def test_flatten_names_like_dvc_and_skips_what_does_not_apply() -> None:
 
 def test_model_file_round_trips_without_pickle(tmp_path: Path) -> None:
     model = loop.make_model(3)
-    (tmp_path / "m.pt").write_bytes(state_dict_bytes(model))
-    line = evaluate.load_line(tmp_path / "m.pt")
+    (tmp_path / "m.safetensors").write_bytes(state_dict_bytes(model))
+    line = evaluate.load_line(tmp_path / "m.safetensors")
     assert line.weight == model.weight.item() and line.bias == model.bias.item()
     assert state_dict_bytes(model) == state_dict_bytes(loop.make_model(3))  # same weights, same bytes
+    back = loop.make_model(0)
+    back.load_state_dict(safetensors.torch.load((tmp_path / "m.safetensors").read_bytes()))
+    assert torch.equal(back.weight, model.weight) and torch.equal(back.bias, model.bias)
 
 
 class _Payload:

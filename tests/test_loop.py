@@ -69,8 +69,8 @@ def test_several_features_reach_least_squares(cfg: config.Config) -> None:
         t = run(cfg, method, torch.float64, X, y, epochs=400)
         assert t.weights().shape == (400, 3)
         np.testing.assert_allclose(np.append(t.weights()[-1], t.column("bias")[-1]), coef, atol=1e-9)
-    assert list(t.frame().columns) == loop.trajectory_columns(3)
-    assert loop.trajectory_columns(3)[2:6] == ["grad_weight_1", "grad_weight_2", "grad_weight_3", "grad_bias"]
+    assert list(t.frame().columns) == data.trajectory_columns(3)
+    assert data.trajectory_columns(3)[2:6] == ["grad_weight_1", "grad_weight_2", "grad_weight_3", "grad_bias"]
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam"])
@@ -140,3 +140,22 @@ def test_train_step_runs_the_five_steps_in_order() -> None:
     optimizer.zero_grad = lambda *a, **k: (calls.append("zero_grad"), zero_grad(*a, **k))[1]  # type: ignore[method-assign]
     loop.train_step(model, criterion, optimizer, X, Y)
     assert calls == ["forward", "loss", "zero_grad", "backward", "step"]
+
+
+def test_compile_is_chosen_only_where_it_pays() -> None:
+    assert not loop.should_compile("auto", "nn", 100, 1000)  # the defaults: eager
+    assert loop.should_compile("auto", "nn", 10_000_000, 1000)
+    assert not loop.should_compile("auto", "numpy", 10_000_000, 1000)
+    assert loop.should_compile("on", "nn", 10, 1) and not loop.should_compile("off", "nn", 10**8, 10**4)
+
+
+@pytest.mark.slow
+def test_compiled_five_steps_follow_the_eager_trajectory(cfg: config.Config) -> None:
+    X, y = train_arrays(cfg, n_samples=20_000)
+    Xa, ya = loop.as_arrays(X, y, torch.float64)
+    runs = []
+    for compile_step in (False, True):
+        learner = loop.make_learner("nn", loop.make_model(0, 1, torch.float64), Xa, ya, "sgd", 0.1, 0.0, compile_step)
+        runs.append(loop.fit(learner, len(Xa), 30))
+    # The compiled step fuses the sums differently; in float64 that changes only the last bits.
+    np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=1e-10, atol=1e-12)

@@ -83,7 +83,7 @@ def test_second_repro_runs_nothing(repro_repo: Path) -> None:
 def test_misspelt_key_stops_the_stage_and_checkout_restores_its_outputs(repro_repo: Path) -> None:
     params = repro_repo / "params.yaml"
     original = params.read_text()
-    model_before = (repro_repo / "data/model/model.pt").read_bytes()
+    model_before = (repro_repo / "data/model/model.safetensors").read_bytes()
     params.write_text(original.replace("  lr: 0.1 ", "  lrr: 0.1\n  lr: 0.1 "))
     try:
         out = sh(repro_repo, "dvc", "repro", check=False)
@@ -92,7 +92,7 @@ def test_misspelt_key_stops_the_stage_and_checkout_restores_its_outputs(repro_re
     finally:
         params.write_text(original)
     sh(repro_repo, "dvc", "checkout")
-    assert (repro_repo / "data/model/model.pt").read_bytes() == model_before
+    assert (repro_repo / "data/model/model.safetensors").read_bytes() == model_before
     assert "Running stage" not in sh(repro_repo, "dvc", "repro").stdout
 
 

@@ -25,7 +25,7 @@ from tests.conftest import REPO, copy_repo, pipeline_env, sh
 OUTPUTS = (
     "data/generated/train.csv",
     "data/generated/test.csv",
-    "data/model/model.pt",
+    "data/model/model.safetensors",
     "data/model/trajectory.csv",
     "data/metrics/train.json",
     "data/metrics/metrics.json",
@@ -106,8 +106,8 @@ def test_sigkill_during_training_leaves_no_truncated_output_and_repro_recovers(r
     )
     try:
         deadline = time.monotonic() + 120
-        # DVC deletes a stage's outputs just before running it: once model.pt is gone, train has started.
-        while (repo / "data/model/model.pt").exists() and time.monotonic() < deadline:
+        # DVC deletes a stage's outputs just before running it: once model.safetensors is gone, train has started.
+        while (repo / "data/model/model.safetensors").exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert proc.poll() is None, "the pipeline ended before it could be killed"
         time.sleep(4)
@@ -155,7 +155,7 @@ def test_noop_repro_makes_no_run_and_a_run_cache_restore_stays_findable(repo: Pa
     assert "Stage 'train' is cached - skipping run" in out, out
     assert len(runs_in(repo)) == count + 1  # only the lr=0.05 execution made a run
     tracker = tracking.connect(config.load(params).tracking.experiment, repo)
-    run_id = tracker.find_run(md5_file(repo / "data/model/model.pt"))
+    run_id = tracker.find_run(md5_file(repo / "data/model/model.safetensors"))
     assert run_id is not None and "weight.learned" in tracker.client.get_run(run_id).data.metrics
 
 
@@ -184,7 +184,7 @@ def test_unreachable_tracking_server_fails_fast(repo: Path, tmp_path: Path, stag
             "--test-data",
             "data/generated/test.csv",
             "--model",
-            "data/model/model.pt",
+            "data/model/model.safetensors",
             "--trajectory",
             "data/model/trajectory.csv",
             "--train-metrics",

@@ -99,7 +99,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def run_pipeline(params: Path) -> list[int]:
     """generate, train, evaluate with the paths dvc.yaml uses, relative to the current folder."""
     p = ["--params", str(params)]
-    t = ["--model", "m/model.pt", "--trajectory", "m/trajectory.csv"]
+    t = ["--model", "m/model.safetensors", "--trajectory", "m/trajectory.csv"]
     evaluate_outputs = ["--train-metrics", "metrics/train.json", "--metrics", "metrics/eval.json", "--plots", "plots"]
     codes = [generate.main([*p, "--train", "g/train.csv", "--test", "g/test.csv"])]
     codes.append(train.main([*p, "--data", "g/train.csv", *t, "--metrics", "metrics/train.json"]))
@@ -163,9 +163,15 @@ def test_divergence_demonstration_fails_the_run_and_keeps_its_trajectory(
     assert run_pipeline(params) == [0, 2]
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "loss is not finite at epoch" in err and "train.lr = 1.5" in err and "largest stable" in err
-    assert not (workdir / "m" / "model.pt").exists() and not (workdir / "m" / "trajectory.csv").exists()
+    assert not (workdir / "m" / "model.safetensors").exists() and not (workdir / "m" / "trajectory.csv").exists()
     run = only_run(workdir)
     assert run.info.status == "FAILED"
     client = MlflowClient(tracking.default_uri(workdir))
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["trajectory.csv"]
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 10
+
+
+def test_tracking_off_runs_the_pipeline_without_any_store(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_TRACKING", "off")
+    assert run_pipeline(params_with(workdir, "epochs: 100", "epochs: 20")) == [0, 0, 0]
+    assert (workdir / "metrics/eval.json").exists() and not (workdir / "mlruns").exists()

@@ -1,0 +1,247 @@
+"""The performance targets of the project, each a ratio measured side by side in one run (`make bench`).
+
+P1 edit->result: `dvc repro` after changing train.lr / (no-op `dvc repro` + the stages' import floors).
+P2 logging:      train stage at 1000 epochs with MLflow tracking / with PIPELINE_TRACKING=off,
+                 on the embedded SQLite store and against a local `mlflow server`.
+P3 throughput:   time per epoch of the nn five-step loop / one torch pass computing sum x, sum y, sum xy, sum x^2.
+
+Medians of repeated runs; the machine is shared, so compare the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
+    out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
+    return out | extra
+
+
+def run(cwd: Path, *cmd: str, **extra: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, env=env(**extra), check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def median(f: Callable[[], float], n: int) -> float:
+    return statistics.median(f() for _ in range(n))
+
+
+def copy_repo(dest: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, files):
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    git = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
+        subprocess.run(cmd, cwd=dest, env=env(**git), check=True)
+    return dest
+
+
+def set_param(repo: Path, key: str, value: str) -> None:
+    path = repo / "params.yaml"
+    lines = path.read_text().splitlines()
+    section, name = key.split(".")
+    inside = False
+    for i, line in enumerate(lines):
+        if not line.startswith(" "):
+            inside = line.startswith(f"{section}:")
+        elif inside and line.strip().startswith(f"{name}:"):
+            comment = line[line.index("#") :] if "#" in line else ""
+            lines[i] = f"  {name}: {value}  {comment}".rstrip()
+    path.write_text("\n".join(lines) + "\n")
+
+
+def p1(repo: Path, n: int) -> tuple[float, float]:
+    run(repo, "dvc", "repro")  # creates the store and the caches
+    noop = median(lambda: run(repo, "dvc", "repro"), n)
+    imports_train = median(lambda: run(repo, sys.executable, "-c", "import torch, mlflow, pandas"), n)
+    imports_eval = median(lambda: run(repo, sys.executable, "-c", "import sklearn.linear_model, mlflow, pandas"), n)
+    floor = noop + imports_train + imports_eval
+    times = []
+    for i in range(n):
+        set_param(repo, "train.lr", f"0.{101 + i}")  # a new value each time: nothing comes from the run cache
+        times.append(run(repo, "dvc", "repro"))
+    set_param(repo, "train.lr", "0.1")
+    return statistics.median(times), floor
+
+
+def train_cmd(out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--data",
+        "data/generated/train.csv",
+        "--model",
+        f"{out}/m.safetensors",
+        "--trajectory",
+        f"{out}/t.csv",
+        "--metrics",
+        f"{out}/t.json",
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def p2(repo: Path, n: int, tmp: Path) -> dict[str, tuple[float, float]]:
+    set_param(repo, "train.epochs", "1000")
+    out = tmp / "p2"
+    off = median(lambda: run(repo, *train_cmd(out), PIPELINE_TRACKING="off"), n)
+    sqlite = median(lambda: run(repo, *train_cmd(out)), n)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp}/server.db",
+            "--default-artifact-root",
+            f"{tmp}/server-artifacts",
+        ],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        run(repo, *train_cmd(out), MLFLOW_TRACKING_URI=uri)  # creates the experiment
+        http = median(lambda: run(repo, *train_cmd(out), MLFLOW_TRACKING_URI=uri), n)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait()
+    set_param(repo, "train.epochs", "100")
+    return {"sqlite": (sqlite, off), "server": (http, off)}
+
+
+def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from pipeline import loop
+
+    torch.set_num_threads(1)  # the pipeline's default (train.threads)
+    out = {}
+    for n in sizes:
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(n).astype(np.float32)
+        y = (3 * x + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        floor = sufficient_statistics_time(xt, yt)
+        X, Y = loop.as_arrays(x, y)
+        compiled = loop.should_compile("auto", "nn", n, 1000)
+        learner = loop.make_learner("nn", loop.make_model(0), X, Y, "sgd", 0.1, 0.0, compiled)
+        loop.fit(learner, n, 2)  # warm-up (and compilation)
+        start = time.perf_counter()
+        loop.fit(learner, n, epochs)
+        per_epoch = (time.perf_counter() - start) / epochs
+        out[n] = (per_epoch, floor, compiled)
+    return out
+
+
+def sufficient_statistics_time(x: object, y: object) -> float:
+    """The floor: one pass computing sum x, sum y, sum xy, sum x^2 (all a closed form needs)."""
+    import torch
+
+    assert isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)
+    torch.stack([x.sum(), y.sum(), x @ y, x @ x])
+    return statistics.median(timed(lambda: torch.stack([x.sum(), y.sum(), x @ y, x @ x])) for _ in range(20))
+
+
+def timed(f: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    f()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["p1", "p2", "p3"], action="append")
+    args = parser.parse_args()
+    only = set(args.only or ["p1", "p2", "p3"])
+    rows: list[tuple[str, str, float, float, str]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        repo = copy_repo(tmp / "repo")
+        if "p1" in only:
+            t, floor = p1(repo, args.repeats)
+            rows.append(
+                ("P1 edit->result", f"dvc repro after lr change {t:.2f} s / floor {floor:.2f} s", t / floor, 1.3, "<=")
+            )
+        if "p2" in only:
+            for store, (on, off) in p2(repo, args.repeats, tmp).items():
+                goal = 1.10 if store == "sqlite" else 1.25
+                rows.append(
+                    (
+                        f"P2 logging ({store})",
+                        f"train, 1000 epochs: {on:.2f} s tracked / {off:.2f} s off",
+                        on / off,
+                        goal,
+                        "<=",
+                    )
+                )
+        if "p3" in only:
+            for n, (per_epoch, floor, compiled) in p3([100, 1_000_000, 10_000_000], 20).items():
+                how = "compiled" if compiled else "eager"
+                rows.append(
+                    (
+                        f"P3 throughput N={n:.0e}",
+                        f"{per_epoch * 1e3:.3f} ms/epoch ({how}) / floor {floor * 1e3:.3f} ms",
+                        per_epoch / floor,
+                        3.0 if n == 10_000_000 else float("nan"),
+                        "<=",
+                    )
+                )
+    print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"{'target':<26} {'ratio':>7} {'goal':>6}  {'met':<4} measured")
+    for name, what, ratio, goal, _ in rows:
+        met = "-" if goal != goal else ("yes" if ratio <= goal else "NO")
+        goal_s = "-" if goal != goal else f"{goal:.2f}"
+        print(f"{name:<26} {ratio:>7.2f} {goal_s:>6}  {met:<4} {what}")
+    print("P4 memory at N=1e8 and P5 scaling 1e6 -> 1e8: not measured yet (the stages still read CSV tables).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
