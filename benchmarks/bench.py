@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,40 +23,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO))
 
-
-def env(**extra: str) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
-    out["PATH"] = f"{BIN}{os.pathsep}{out.get('PATH', '')}"
-    return out | extra
+from tests.conftest import copy_repo, free_port, pipeline_env, wait_for_port  # noqa: E402  (needs the path)
 
 
 def run(cwd: Path, *cmd: str, **extra: str) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=cwd, env=env(**extra), check=True, capture_output=True)
+    subprocess.run(cmd, cwd=cwd, env=pipeline_env(**extra), check=True, capture_output=True)
     return time.perf_counter() - start
 
 
 def median(f: Callable[[], float], n: int) -> float:
     return statistics.median(f() for _ in range(n))
-
-
-def copy_repo(dest: Path) -> Path:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for rel in filter(None, files):
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    git = {"GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b", "GIT_COMMITTER_EMAIL": "b@x"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench"]):
-        subprocess.run(cmd, cwd=dest, env=env(**git), check=True)
-    return dest
 
 
 def set_param(repo: Path, key: str, value: str) -> None:
@@ -76,7 +53,6 @@ def set_param(repo: Path, key: str, value: str) -> None:
 
 
 def p1(repo: Path, n: int) -> tuple[float, float]:
-    run(repo, "dvc", "repro")  # creates the store and the caches
     noop = median(lambda: run(repo, "dvc", "repro"), n)
     imports_train = median(lambda: run(repo, sys.executable, "-c", "import torch, mlflow, pandas"), n)
     imports_eval = median(lambda: run(repo, sys.executable, "-c", "import sklearn.linear_model, mlflow, pandas"), n)
@@ -105,12 +81,6 @@ def train_cmd(out: Path) -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def p2(repo: Path, n: int, tmp: Path) -> dict[str, tuple[float, float]]:
     set_param(repo, "train.epochs", "1000")
     out = tmp / "p2"
@@ -130,20 +100,15 @@ def p2(repo: Path, n: int, tmp: Path) -> dict[str, tuple[float, float]]:
             "--default-artifact-root",
             f"{tmp}/server-artifacts",
         ],
-        env=env(),
+        env=pipeline_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
         uri = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        if not wait_for_port(port, 120):
+            raise RuntimeError("the mlflow server did not start")
         run(repo, *train_cmd(out), MLFLOW_TRACKING_URI=uri)  # creates the experiment
         http = median(lambda: run(repo, *train_cmd(out), MLFLOW_TRACKING_URI=uri), n)
     finally:
@@ -157,7 +122,6 @@ def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(REPO))
     from pipeline import loop
 
     torch.set_num_threads(1)  # the pipeline's default (train.threads)
@@ -204,6 +168,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         repo = copy_repo(tmp / "repo")
+        run(repo, "dvc", "repro")  # the data, the store and DVC's caches, before anything is timed
         if "p1" in only:
             t, floor = p1(repo, args.repeats)
             rows.append(

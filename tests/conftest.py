@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ def cfg() -> config.Config:
 
 def pipeline_env(**extra: str) -> dict[str, str]:
     """Environment for running DVC in a copy: this venv first on PATH, no outside MLflow or DVC settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env |= {
         "GIT_AUTHOR_NAME": "test",
@@ -41,11 +43,30 @@ def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = Tr
     return out
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float) -> bool:
+    """Whether something accepts connections on 127.0.0.1:port within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
 def copy_repo(dest: Path) -> Path:
     """The working tree's tracked and untracked-but-not-ignored files, committed in a fresh git repository.
 
     Outputs, the DVC cache, .venv and the MLflow store are ignored, so the copy starts as a fresh clone does.
     """
+    dest.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO,

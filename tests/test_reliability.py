@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import config, evaluate, tracking, train
 from pipeline.errors import ConfigError
 from pipeline.io import md5_file
-from tests.conftest import REPO, copy_repo, pipeline_env, sh
+from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh, wait_for_port
 
 OUTPUTS = (
     "data/generated/train.csv",
@@ -44,12 +44,6 @@ def runs_in(repo: Path) -> list:  # type: ignore[type-arg]
     client = MlflowClient(tracking.default_uri(repo))
     experiment = client.get_experiment_by_name(config.load(repo / "params.yaml").tracking.experiment)
     return [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=1000)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Params are read as DVC reads them (YAML 1.2), whatever spelling `dvc exp run -S` or a hand edit uses.
@@ -276,14 +270,7 @@ def test_ui_command_binds_loopback_and_refuses_a_foreign_host_header(repo: Path)
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        if not wait_for_port(port, 90):
             pytest.fail("the MLflow UI did not start")
 
         def get(host: str) -> int:
