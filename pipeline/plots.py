@@ -21,8 +21,19 @@ def _png(fig: Figure, left: float = 0.12, right: float = 0.97, bottom: float = 0
     return buf.getvalue()
 
 
+MAX_POINTS = 5000  # per scatter: more only slows the drawing (and 1e7 markers would take minutes)
+
+
+def _thin(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every k-th row so that at most MAX_POINTS remain: deterministic, and as spread out as the data."""
+    step = max(1, -(-len(arrays[0]) // MAX_POINTS))
+    return tuple(a[::step] for a in arrays)
+
+
 def fit_plot(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, lines: dict[str, LineFit]) -> bytes:
     """One feature: the data with each fitted line over it. More: predicted against actual y, per model."""
+    X, y = _thin(X, y)
+    Xt, yt = _thin(Xt, yt)
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     styles = ("-", "--", ":")

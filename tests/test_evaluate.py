@@ -109,6 +109,13 @@ def test_plots_are_png_and_byte_stable(cfg: config.Config) -> None:
     assert plots.convergence_plot(np.geomspace(3, 1e-5, 20), 1e-4, 0.5, 16).startswith(b"\x89PNG")
 
 
+def test_scatter_plots_draw_a_bounded_sample_of_large_data() -> None:
+    X = np.arange(1_000_003, dtype=np.float64).reshape(-1, 1)
+    thinned, y = plots._thin(X, X[:, 0])
+    assert len(thinned) <= plots.MAX_POINTS and thinned[0, 0] == 0 and thinned[-1, 0] > 0.99 * len(X) - 1 - 201
+    assert np.array_equal(thinned[:, 0], y)  # rows stay paired
+
+
 def test_closed_form_is_exact_on_a_known_line() -> None:
     x = np.array([0.0, 1.0, 2.0, 3.0])
     fit = theory.closed_form(x.reshape(-1, 1), 2.0 * x - 1.0)
