@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,16 @@ def pipeline_env(**extra: str) -> dict[str, str]:
 
 
 def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(cmd, cwd=cwd, env=env or pipeline_env(), capture_output=True, text=True, timeout=600)
+    """Run a command and capture its output in files, not pipes.
+
+    `dvc queue start` and `dvc exp run --run-all` leave worker daemons behind that inherit the command's
+    stdout and stderr: with pipes, waiting for their end means waiting for the daemons to exit.
+    """
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        code = subprocess.run(cmd, cwd=cwd, env=env or pipeline_env(), stdout=stdout, stderr=stderr, timeout=600)
+        stdout.seek(0)
+        stderr.seek(0)
+        out = subprocess.CompletedProcess(cmd, code.returncode, stdout.read(), stderr.read())
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out

@@ -244,6 +244,7 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_store(repo: Path
         if not any(word in status for word in ("Queued", "Running")):
             break
         time.sleep(2)
+    sh(repo, "dvc", "queue", "stop")  # the workers would otherwise idle on after the test
     assert "Failed" not in status, status
     runs = runs_in(repo)
     assert len(runs) == count + 4
