@@ -20,9 +20,8 @@ import torch
 from torch import nn, optim
 from tqdm import tqdm
 
+from pipeline.config import METHODS  # noqa: F401  (re-exported: the methods this module implements)
 from pipeline.data import trajectory_columns
-
-METHODS = ("nn", "autograd", "numpy")
 
 
 def make_model(init_seed: int, n_features: int = 1, dtype: torch.dtype = torch.float32) -> nn.Linear:
