@@ -4,6 +4,8 @@ P1 edit->result: `dvc repro` after changing train.lr / (no-op `dvc repro` + the 
 P2 logging:      train stage at 1000 epochs with MLflow tracking / with PIPELINE_TRACKING=off,
                  on the embedded SQLite store and against a local `mlflow server`.
 P3 throughput:   time per epoch of the nn five-step loop / one torch pass computing sum x, sum y, sum xy, sum x^2.
+P4 memory:       peak RSS of each stage (its whole process tree) at N = 1e8 / the float32 data (x and y, 0.8 GB).
+P5 scaling:      each stage's wall time per sample at N = 1e8 / the same at N = 1e6.
 
 Medians of repeated runs; the machine is shared, so compare the ratios, not the absolute times.
 """
@@ -11,8 +13,10 @@ Medians of repeated runs; the machine is shared, so compare the ratios, not the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,7 +75,7 @@ def train_cmd(out: Path) -> list[str]:
         "-m",
         "pipeline.train",
         "--data",
-        "data/generated/train.csv",
+        "data/generated/train.parquet",
         "--model",
         f"{out}/m.safetensors",
         "--trajectory",
@@ -143,6 +147,66 @@ def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
     return out
 
 
+def measured(cwd: Path, cmd: list[str], **extra: str) -> tuple[float, float]:
+    """(wall seconds, peak RSS in bytes) of a command and every process it starts, summed.
+
+    RSS is sampled every 20 ms over the whole process tree (a stage's MLflow worker included); the largest
+    single process's kernel-reported peak (ru_maxrss) is a floor for it, so a spike between samples counts.
+    """
+    import psutil
+
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a pipe nobody reads can fill and block
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=pipeline_env(**extra), stdout=subprocess.DEVNULL, stderr=err)
+        parent = psutil.Process(proc.pid)
+        peak = 0
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            with contextlib.suppress(psutil.Error):  # a process ended while being sampled
+                peak = max(peak, sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]))
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().decode()[-2000:]}")
+    return wall, max(peak, usage.ru_maxrss * 1024)
+
+
+def stage_commands(folder: Path) -> dict[str, list[str]]:
+    """The three stages with the paths dvc.yaml gives them, under `folder`."""
+    f = str(folder)
+    py = [sys.executable, "-m"]
+    params = ["--params", f"{f}/params.yaml"]
+    t = ["--model", f"{f}/model.safetensors", "--trajectory", f"{f}/trajectory.csv"]
+    return {
+        "generate": [*py, "pipeline.generate", *params, "--train", f"{f}/train.parquet", "--test", f"{f}/test.parquet"],
+        "train": [*py, "pipeline.train", *params, "--data", f"{f}/train.parquet", *t, "--metrics", f"{f}/train.json"],
+        "evaluate": [
+            *py,
+            "pipeline.evaluate",
+            *params,
+            *("--train-data", f"{f}/train.parquet", "--test-data", f"{f}/test.parquet", *t),
+            *("--train-metrics", f"{f}/train.json", "--metrics", f"{f}/metrics.json", "--plots", f"{f}/plots"),
+        ],
+    }
+
+
+def p4_p5(repo: Path, tmp: Path, sizes: list[int]) -> dict[int, dict[str, tuple[float, float]]]:
+    """Each stage at each N (defaults otherwise, tracking on): {N: {stage: (seconds, peak RSS bytes)}}."""
+    out: dict[int, dict[str, tuple[float, float]]] = {}
+    for n in sizes:
+        folder = tmp / f"n{n}"
+        folder.mkdir()
+        text = (repo / "params.yaml").read_text()
+        (folder / "params.yaml").write_text(text.replace("n_samples: 100 ", f"n_samples: {n} "))
+        out[n] = {stage: measured(repo, cmd) for stage, cmd in stage_commands(folder).items()}
+        shutil.rmtree(folder)  # 0.8 GB at N = 1e8
+    return out
+
+
 def sufficient_statistics_time(x: object, y: object) -> float:
     """The floor: one pass computing sum x, sum y, sum xy, sum x^2 (all a closed form needs)."""
     import torch
@@ -161,9 +225,12 @@ def timed(f: Callable[[], object]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["p1", "p2", "p3"], action="append")
+    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45"], action="append")
+    parser.add_argument(
+        "--large", type=float, default=1e8, help="the large N of P4/P5 (1e8; smaller to try it quickly)"
+    )
     args = parser.parse_args()
-    only = set(args.only or ["p1", "p2", "p3"])
+    only = set(args.only or ["p1", "p2", "p3", "p45"])
     rows: list[tuple[str, str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -198,13 +265,38 @@ def main() -> int:
                         "<=",
                     )
                 )
+        if "p45" in only:
+            small, large = 1_000_000, int(args.large)
+            results = p4_p5(repo, tmp, [small, large])
+            data_bytes = large * 2 * 4  # x and y in float32
+            for stage, (_, rss) in results[large].items():
+                rows.append(
+                    (
+                        f"P4 memory {stage}",
+                        f"peak RSS {rss / 1e9:.2f} GB at N={large:.0e} / float32 data {data_bytes / 1e9:.2f} GB",
+                        rss / data_bytes,
+                        3.0,
+                        "<=",
+                    )
+                )
+            for stage, (t, _) in results[large].items():
+                t_small = results[small][stage][0]
+                rows.append(
+                    (
+                        f"P5 scaling {stage}",
+                        f"{t / large * 1e6:.3f} us/sample at N={large:.0e} ({t:.1f} s) / "
+                        f"{t_small / small * 1e6:.3f} at N={small:.0e} ({t_small:.1f} s)",
+                        (t / large) / (t_small / small),
+                        1.5,
+                        "<=",
+                    )
+                )
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'target':<26} {'ratio':>7} {'goal':>6}  {'met':<4} measured")
     for name, what, ratio, goal, _ in rows:
         met = "-" if goal != goal else ("yes" if ratio <= goal else "NO")
         goal_s = "-" if goal != goal else f"{goal:.2f}"
         print(f"{name:<26} {ratio:>7.2f} {goal_s:>6}  {met:<4} {what}")
-    print("P4 memory at N=1e8 and P5 scaling 1e6 -> 1e8: not measured yet (the stages still read CSV tables).")
     return 0
 
 

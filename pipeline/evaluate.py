@@ -6,13 +6,13 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import safetensors.numpy
-from sklearn.metrics import mean_squared_error, r2_score
 
 from pipeline import cli, config, data, plots, theory, tracking
 from pipeline.config import GenerateParams
@@ -52,27 +52,67 @@ def read_trajectory(path: str | Path, n_features: int) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such trajectory file (run `dvc repro` to create it)")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a readable trajectory CSV: {first}") from None
     if list(df.columns) != trajectory_columns(n_features) or len(df) == 0:
         raise DataError(f"{path}: expected a trajectory with columns {trajectory_columns(n_features)}")
     return df
 
 
-def compute_metrics(p: GenerateParams, learned: LineFit, train: pd.DataFrame, test: pd.DataFrame) -> dict[str, Any]:
+SKLEARN_MAX_ROWS = 10_000_000  # above this, a float64 copy for scikit-learn would break the memory target
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One streaming pass over a table: its moments and an evenly spaced sample of rows to plot."""
+
+    moments: theory.Moments
+    sample: data.Table
+
+
+def scan(path: str | Path, max_rows: int = plots.MAX_POINTS) -> Scan:
+    """Read a table one row group at a time: memory stays flat whatever its size."""
+    step = max(1, -(-data.count_rows(path) // max_rows))
+    total: theory.Moments | None = None
+    picked: list[data.Table] = []
+    start = 0
+    for t in data.iter_table(path):
+        m = theory.Moments.of(t.X, t.y)
+        total = m if total is None else total.merge(m)
+        first = (-start) % step  # rows 0, step, 2 step, ... of the whole table
+        picked.append(data.Table(t.X[first::step], t.y[first::step]))
+        start += len(t)
+    assert total is not None  # data.iter_table refuses a table without rows
+    return Scan(total, data.Table(np.concatenate([t.X for t in picked]), np.concatenate([t.y for t in picked])))
+
+
+def reference_fit(path: str | Path, moments: theory.Moments) -> LineFit:
+    """scikit-learn's closed form up to SKLEARN_MAX_ROWS rows; above, the same least-squares solution from the
+    float64 moments of one streaming pass (tests/test_theory.py holds the two, and numpy.linalg.lstsq, to
+    agree to 1e-10)."""
+    if moments.n <= SKLEARN_MAX_ROWS:
+        t = data.read_table(path)
+        return theory.closed_form(t.X, t.y)
+    cli.log.info("closed form from float64 moments: %d rows is more than scikit-learn gets a copy of", moments.n)
+    return theory.least_squares(moments)
+
+
+def compute_metrics(
+    p: GenerateParams, learned: LineFit, ols: LineFit, train: theory.Moments, test: theory.Moments
+) -> dict[str, Any]:
     """Every number the evaluation reports, nested by topic (DVC flattens it as `topic.key`)."""
-    X, y = data.split_xy(train)
-    ols = theory.closed_form(X, y)
-    se = theory.standard_errors(X, y, ols)
+    se = theory.standard_errors(train, ols)
     names = weight_names(len(ols.weights))
     true_w = np.asarray(p.true_weights)
 
-    def scores(df: pd.DataFrame) -> dict[str, float]:
-        Xd, yd = data.split_xy(df)
+    def scores(m: theory.Moments) -> dict[str, float]:
         out = {}
         for name, line in (("learned", learned), ("closed_form", ols)):
-            pred = line.predict(Xd)
-            out[f"mse_{name}"] = float(mean_squared_error(yd, pred))
-            out[f"r2_{name}"] = float(r2_score(yd, pred))
+            out[f"mse_{name}"] = m.mse(line)
+            out[f"r2_{name}"] = m.r2(line)
         return out
 
     coefficients = {
@@ -98,8 +138,8 @@ def compute_metrics(p: GenerateParams, learned: LineFit, train: pd.DataFrame, te
 
 
 def figures(
-    train: pd.DataFrame,
-    test: pd.DataFrame,
+    train: Scan,
+    test: Scan,
     trajectory: pd.DataFrame,
     init: dict[str, float],
     convergence: dict[str, Any],
@@ -109,9 +149,7 @@ def figures(
     true: LineFit,
 ) -> dict[str, bytes]:
     """The evaluation's PNGs, by file name."""
-    X, y = data.split_xy(train)
-    Xt, yt = data.split_xy(test)
-    names = weight_names(X.shape[1])
+    names = weight_names(train.moments.k)
     epochs = trajectory["epoch"].to_numpy()
     # The optimiser's path through (first weight, bias), starting from the random initialisation.
     path_w = np.concatenate(([init[names[0]]], trajectory[names[0]].to_numpy()))
@@ -119,11 +157,12 @@ def figures(
     params = np.column_stack([trajectory[n].to_numpy() for n in [*names, "bias"]]).astype(np.float64)
     start = np.array([init[n] for n in [*names, "bias"]])
     distances = np.linalg.norm(np.vstack([start, params]) - closed.params(), axis=1)
+    lines = {"learned": learned, "closed form": closed, "true": true}
     return {
-        "fit.png": plots.fit_plot(X, y, Xt, yt, {"learned": learned, "closed form": closed, "true": true}),
-        "loss.png": plots.loss_plot(epochs, trajectory["loss"].to_numpy(), mean_squared_error(y, closed.predict(X))),
+        "fit.png": plots.fit_plot(train.sample.X, train.sample.y, test.sample.X, test.sample.y, lines),
+        "loss.png": plots.loss_plot(epochs, trajectory["loss"].to_numpy(), train.moments.mse(closed)),
         "params.png": plots.params_plot(epochs, {n: trajectory[n].to_numpy() for n in [*names, "bias"]}, closed, true),
-        "landscape.png": plots.landscape_plot(X, y, closed, true, path_w, path_b, names[0]),
+        "landscape.png": plots.landscape_plot(train.moments, closed, true, path_w, path_b, names[0]),
         "convergence.png": plots.convergence_plot(
             distances, convergence["tolerance"], stability["contraction"], convergence.get("predicted_epochs")
         ),
@@ -132,17 +171,19 @@ def figures(
 
 def evaluate(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
-    train = data.read_table(args.train_data)
-    test = data.read_table(args.test_data)
+    train = scan(args.train_data)
+    test = scan(args.test_data)
     learned = load_line(args.model)
     k = len(learned.weights)
+    if train.moments.k != k or test.moments.k != k:
+        raise DataError(f"{args.model}: has {k} weight(s), the tables have {train.moments.k} feature column(s)")
     trajectory = read_trajectory(args.trajectory, k)
     train_metrics = read_json(args.train_metrics)
     tracker = tracking.connect(cfg.tracking.experiment)
 
-    metrics = compute_metrics(cfg.generate, learned, train, test)
+    closed = reference_fit(args.train_data, train.moments)
+    metrics = compute_metrics(cfg.generate, learned, closed, train.moments, test.moments)
     names = weight_names(k)
-    closed = LineFit(np.array([metrics[n]["closed_form"] for n in names]), metrics["bias"]["closed_form"])
     true = LineFit(np.asarray(cfg.generate.true_weights), cfg.generate.b_true)
     pngs = figures(
         train,
@@ -180,8 +221,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(__doc__ or "")
-    p.add_argument("--train-data", required=True, help="train table (CSV)")
-    p.add_argument("--test-data", required=True, help="test table (CSV)")
+    p.add_argument("--train-data", required=True, help="train table (Parquet)")
+    p.add_argument("--test-data", required=True, help="test table (Parquet)")
     p.add_argument("--model", required=True, help="trained state_dict")
     p.add_argument("--trajectory", required=True, help="per-epoch trajectory (CSV)")
     p.add_argument("--train-metrics", required=True, help="the train stage's metrics (JSON)")

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline.theory import LineFit, mse_grid
+from pipeline.theory import LineFit, Moments, mse_grid
 
 # Figures are built with matplotlib's object API, not pyplot: no global figure state, no GUI backend.
 
@@ -83,8 +83,7 @@ def params_plot(epochs: np.ndarray, series: dict[str, np.ndarray], closed: LineF
 
 
 def landscape_plot(
-    X: np.ndarray,
-    y: np.ndarray,
+    moments: Moments,
     closed: LineFit,
     true: LineFit,
     path_w: np.ndarray,
@@ -102,7 +101,7 @@ def landscape_plot(
     half = 0.6 * max(w_hi - w_lo, b_hi - b_lo, 0.1)
     ws = np.linspace((w_lo + w_hi) / 2 - half, (w_lo + w_hi) / 2 + half, 160)
     bs = np.linspace((b_lo + b_hi) / 2 - half, (b_lo + b_hi) / 2 + half, 160)
-    Z = mse_grid(X, y, closed, ws, bs)
+    Z = mse_grid(moments, closed, ws, bs)
     fig = Figure(figsize=(6, 5))
     ax = fig.subplots()
     # Log-spaced levels: the quadratic bowl is steep far out and flat near the optimum.

@@ -27,10 +27,10 @@ def state_dict_bytes(model: torch.nn.Module) -> bytes:
 
 
 def analyse(
-    X: np.ndarray, y: np.ndarray, traj: loop.Trajectory, stab: theory.Stability, p: config.TrainParams
+    table: data.Table, moments: theory.Moments, traj: loop.Trajectory, stab: theory.Stability, p: config.TrainParams
 ) -> dict[str, Any]:
     """Theory against what happened: convergence predicted vs observed, autograd vs analytic gradient."""
-    optimum = theory.least_squares(X, y)
+    optimum = theory.least_squares(moments)
     start = theory.LineFit(traj.init_weight.astype(np.float64), traj.init_bias)
     end = theory.LineFit(traj.weights()[-1].astype(np.float64), float(traj.column("bias")[-1]))
     path = np.column_stack([traj.weights(), traj.column("bias")]).astype(np.float64)
@@ -40,7 +40,12 @@ def analyse(
     plain_gd = p.optimizer == "sgd" and p.momentum == 0 and p.batch_size is None
     gradient_gap = max(
         float(
-            np.max(np.abs(loop.autograd_gradient(X, y, f.weights, np.array([f.bias])) - theory.mse_gradient(X, y, f)))
+            np.max(
+                np.abs(
+                    loop.autograd_gradient(table.X, table.y, f.weights, np.array([f.bias]))
+                    - theory.mse_gradient(moments, f)
+                )
+            )
         )
         for f in (start, end)
     )
@@ -71,11 +76,11 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(p.threads)
     loop.set_deterministic()  # an op without a deterministic kernel raises instead of varying
     table = data.read_table(args.data)
-    X64, y64 = data.split_xy(table)
-    k = X64.shape[1]
+    k = table.n_features
     if k != cfg.generate.n_features:
         raise DataError(f"{args.data}: has {k} feature column(s), generate.true_weights has {cfg.generate.n_features}")
-    stab = theory.stability(X64, p.lr, p.momentum)
+    moments = theory.Moments.of(table.X, table.y)
+    stab = theory.stability(moments, p.lr, p.momentum)
     if p.optimizer == "sgd" and p.lr >= stab.lr_max and not p.allow_divergence:
         raise ConfigError(
             f"{cfg.source}: train.lr = {p.lr}: at or above the largest stable learning rate {stab.lr_max:.4g} for "
@@ -85,7 +90,7 @@ def train(args: argparse.Namespace) -> None:
     # Connect before training, so a store that cannot be reached fails the stage before any work.
     tracker = tracking.connect(cfg.tracking.experiment)
     dtype = getattr(torch, p.dtype)
-    X, y = loop.as_arrays(X64, y64, dtype)
+    X, y = loop.as_arrays(table.X, table.y, dtype)
     model = loop.make_model(p.init_seed, k, dtype)
     rows_per_step = min(len(X), p.batch_size or len(X))
     compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs)
@@ -98,7 +103,15 @@ def train(args: argparse.Namespace) -> None:
         w0, b0 = learner.params()
         init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
         tracker.log_params(run_id, cfg.flat() | init | {"data.n_train": len(table), "compiled": compile_step})
-        tracker.log_dataset(run_id, table, source=args.data, name="train", digest=data_md5, context="training")
+        tracker.log_dataset(
+            run_id,
+            source=args.data,
+            name="train",
+            digest=data_md5,
+            context="training",
+            n_rows=len(table),
+            columns=table.columns,
+        )
 
         traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty())
         frame = traj.frame()
@@ -125,7 +138,7 @@ def train(args: argparse.Namespace) -> None:
         if traj.diverged_at is not None:
             # The run keeps the trajectory up to the failure; the stage's outputs are not written at all.
             with tempfile.TemporaryDirectory() as tmp:
-                data.write_table(frame, Path(tmp) / "trajectory.csv")
+                data.write_csv(frame, Path(tmp) / "trajectory.csv")
                 tracker.log_artifact(run_id, Path(tmp) / "trajectory.csv")
             raise DivergenceError(
                 f"train: loss is not finite at epoch {traj.diverged_at} with train.lr = {p.lr}; the largest stable "
@@ -133,9 +146,9 @@ def train(args: argparse.Namespace) -> None:
             )
 
         loop.load_params(model, traj.weights()[-1], traj.column("bias")[-1:])
-        report = analyse(X64, y64, traj, stab, p)
+        report = analyse(table, moments, traj, stab, p)
         write_bytes_atomic(args.model, state_dict_bytes(model))
-        data.write_table(frame, args.trajectory)
+        data.write_csv(frame, args.trajectory)
         write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
 
         flat = {k: v for k, v in tracking.flatten(report).items() if not k.startswith("init.")}
@@ -163,7 +176,7 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = cli.parser(__doc__ or "")
-    p.add_argument("--data", required=True, help="train table to read (CSV)")
+    p.add_argument("--data", required=True, help="train table to read (Parquet)")
     p.add_argument("--model", required=True, help="state_dict to write (safetensors)")
     p.add_argument("--trajectory", required=True, help="per-epoch trajectory to write (CSV)")
     p.add_argument("--metrics", required=True, help="training metrics to write (JSON): theory vs observed")

@@ -17,12 +17,20 @@ from pipeline.theory import LineFit
 from pipeline.train import state_dict_bytes
 
 
+def metrics_of(p: config.GenerateParams, learned: LineFit, train: data.Table, test: data.Table) -> dict:  # type: ignore[type-arg]
+    """compute_metrics as the stage calls it: scikit-learn's fit and the tables' moments."""
+    ols = theory.closed_form(train.X, train.y)
+    return evaluate.compute_metrics(
+        p, learned, ols, theory.Moments.of(train.X, train.y), theory.Moments.of(test.X, test.y)
+    )
+
+
 def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Config) -> None:
     train, test = data.generate(cfg.generate)
     learned = LineFit(weights=np.array([2.9]), bias=0.1)
-    m = evaluate.compute_metrics(cfg.generate, learned, train, test)
+    m = metrics_of(cfg.generate, learned, train, test)
 
-    x, y = train["x"].to_numpy(), train["y"].to_numpy()
+    x, y = train.X[:, 0].astype(np.float64), train.y.astype(np.float64)
     A = np.column_stack([x, np.ones_like(x)])
     coef, rss, *_ = np.linalg.lstsq(A, y, rcond=None)
     assert m["weight"]["closed_form"] == pytest.approx(coef[0], abs=1e-12)
@@ -33,7 +41,7 @@ def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Con
     assert m["statistical_error"]["weight"] == pytest.approx(abs(coef[0] - 3.0), abs=1e-12)
     assert m["optimisation_gap"]["weight"] == pytest.approx(abs(2.9 - coef[0]), abs=1e-12)
 
-    xt, yt = test["x"].to_numpy(), test["y"].to_numpy()
+    xt, yt = test.X[:, 0].astype(np.float64), test.y.astype(np.float64)
     residual = yt - (2.9 * xt + 0.1)
     assert m["test"]["mse_learned"] == pytest.approx(np.mean(residual**2), rel=1e-12)
     assert m["test"]["r2_learned"] == pytest.approx(1 - np.sum(residual**2) / np.sum((yt - yt.mean()) ** 2), rel=1e-12)
@@ -43,17 +51,18 @@ def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Con
 
 def test_noise_free_data_has_zero_error_and_standard_error(cfg: config.Config) -> None:
     train, test = data.generate(dataclasses.replace(cfg.generate, noise_std=0.0))
-    m = evaluate.compute_metrics(cfg.generate, LineFit(np.array([3.0]), 0.0), train, test)
-    assert m["statistical_error"]["weight"] < 1e-12 and m["statistical_error"]["weight_se"] < 1e-7
+    m = metrics_of(cfg.generate, LineFit(np.array([3.0]), 0.0), train, test)
+    # Exact up to the float32 rounding of the stored x and y (relative 6e-8).
+    assert m["statistical_error"]["weight"] < 1e-6 and m["statistical_error"]["weight_se"] < 1e-6
     assert m["test"]["r2_closed_form"] == pytest.approx(1.0)
 
 
 def test_several_features_get_one_entry_per_coefficient(cfg: config.Config) -> None:
     p = dataclasses.replace(cfg.generate, true_weights=[1.0, -2.0], n_samples=200)
     train, test = data.generate(p)
-    X, y = data.split_xy(train)
+    X, y = train.X.astype(np.float64), train.y.astype(np.float64)
     coef = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)[0]
-    m = evaluate.compute_metrics(p, LineFit(np.array([1.0, -2.0]), 0.0), train, test)
+    m = metrics_of(p, LineFit(np.array([1.0, -2.0]), 0.0), train, test)
     assert [m["weight_1"]["closed_form"], m["weight_2"]["closed_form"]] == pytest.approx(coef[:2], abs=1e-12)
     assert set(m["statistical_error"]) == {"weight_1", "weight_2", "weight_1_se", "weight_2_se"}
     assert m["weight_2"]["true"] == -2.0
@@ -105,7 +114,8 @@ def test_plots_are_png_and_byte_stable(cfg: config.Config) -> None:
     X2 = np.column_stack([x[:, 0], x[:, 0] ** 2])
     assert plots.fit_plot(X2, X2 @ two.weights, X2, X2 @ two.weights, {"true": two}).startswith(b"\x89PNG")
     path = np.linspace(0, 3, 10)
-    assert plots.landscape_plot(x, 3 * x[:, 0], line, line, path, path / 10, "weight").startswith(b"\x89PNG")
+    moments = theory.Moments.of(x, 3 * x[:, 0])
+    assert plots.landscape_plot(moments, line, line, path, path / 10, "weight").startswith(b"\x89PNG")
     assert plots.convergence_plot(np.geomspace(3, 1e-5, 20), 1e-4, 0.5, 16).startswith(b"\x89PNG")
 
 
@@ -120,3 +130,34 @@ def test_closed_form_is_exact_on_a_known_line() -> None:
     x = np.array([0.0, 1.0, 2.0, 3.0])
     fit = theory.closed_form(x.reshape(-1, 1), 2.0 * x - 1.0)
     assert fit.weight == pytest.approx(2.0) and fit.bias == pytest.approx(-1.0)
+
+
+def test_one_streaming_scan_gives_the_tables_moments_and_an_even_sample(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    X, y = rng.normal(size=(10_007, 1)).astype(np.float32), rng.normal(size=10_007).astype(np.float32)
+    pieces = [(0, data.Table(X[i : i + 999], y[i : i + 999])) for i in range(0, len(y), 999)]  # 11 row groups
+    data.write_tables(iter(pieces), [tmp_path / "t.parquet"], 1)
+    s = evaluate.scan(tmp_path / "t.parquet", max_rows=500)
+    whole = theory.Moments.of(X, y)
+    assert s.moments.n == len(y)
+    np.testing.assert_allclose(s.moments.mean, whole.mean, rtol=1e-12)
+    np.testing.assert_allclose(s.moments.comoment, whole.comoment, rtol=1e-10)
+    step = -(-len(y) // 500)  # the rows 0, step, 2 step, ... of the whole table, across row groups
+    assert np.array_equal(s.sample.X, X[::step]) and np.array_equal(s.sample.y, y[::step])
+
+
+def test_above_the_scikit_learn_limit_the_reference_comes_from_moments_and_agrees(
+    cfg: config.Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = dataclasses.replace(cfg.generate, n_samples=20_000, true_weights=[1.0, -2.0])
+    train, _ = data.generate(p)
+    data.write_table(train, tmp_path / "t.parquet")
+    m = evaluate.scan(tmp_path / "t.parquet").moments
+    small = evaluate.reference_fit(tmp_path / "t.parquet", m)  # scikit-learn
+    monkeypatch.setattr(evaluate, "SKLEARN_MAX_ROWS", 1000)
+    monkeypatch.setattr(theory, "closed_form", lambda *a: pytest.fail("scikit-learn called above its limit"))
+    large = evaluate.reference_fit(tmp_path / "t.parquet", m)  # moments
+    A = np.column_stack([train.X.astype(np.float64), np.ones(len(train))])
+    expected = np.linalg.lstsq(A, train.y.astype(np.float64), rcond=None)[0]
+    np.testing.assert_allclose(small.params(), expected, rtol=1e-10)
+    np.testing.assert_allclose(large.params(), expected, rtol=1e-10)

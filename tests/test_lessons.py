@@ -195,7 +195,8 @@ def test_without_zero_grad_the_update_uses_the_running_sum_of_gradients() -> Non
 def test_after_training_with_the_defaults_weight_is_near_3_and_bias_near_0(cfg: config.Config) -> None:
     t = run(cfg)  # params.yaml as shipped: 100 epochs of SGD(lr=0.1) on y = 3x + noise
     X, y = train_arrays(cfg)
-    se = theory.standard_errors(X, y, theory.least_squares(X, y))[0]
+    m = theory.Moments.of(X, y)
+    se = theory.standard_errors(m, theory.least_squares(m))[0]
     assert abs(t.column("weight")[-1] - 3.0) < 3 * se  # as close as the noise allows (3 standard errors)
     assert abs(t.column("bias")[-1]) < 3 * cfg.generate.noise_std / np.sqrt(len(X))
 
@@ -241,7 +242,9 @@ def test_autograd_gradient_equals_the_analytic_gradient_at_start_and_end(cfg: co
     end = theory.LineFit(t.weights()[-1], float(t.column("bias")[-1]))
     for point in (start, end):
         auto = loop.autograd_gradient(X, y, point.weights, np.array([point.bias]))
-        np.testing.assert_allclose(auto, theory.mse_gradient(X, y, point), rtol=1e-12, atol=1e-14)
+        A = np.column_stack([X, np.ones(len(X))])  # the hand-derived gradient (2/N) A^T (A θ - y)
+        analytic = 2 / len(X) * A.T @ (A @ point.params() - y)
+        np.testing.assert_allclose(auto, analytic, rtol=1e-12, atol=1e-14)
 
 
 def test_torch_gradcheck_passes_for_the_mse_of_a_linear_model(cfg: config.Config) -> None:

@@ -13,8 +13,9 @@ from pipeline import config, data, loop
 
 
 def train_arrays(cfg: config.Config, **generate: object) -> tuple[np.ndarray, np.ndarray]:
+    """The train table the stage would read, in float64: (N, k) features and (N,) targets."""
     train, _ = data.generate(dataclasses.replace(cfg.generate, **generate))  # type: ignore[arg-type]
-    return data.split_xy(train)
+    return train.X.astype(np.float64), train.y.astype(np.float64)
 
 
 def run(

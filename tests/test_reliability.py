@@ -17,14 +17,14 @@ from dvc.utils.serialize import parse_yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, evaluate, tracking, train
+from pipeline import config, data, evaluate, tracking, train
 from pipeline.errors import ConfigError
 from pipeline.io import md5_file
 from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh, wait_for_port
 
 OUTPUTS = (
-    "data/generated/train.csv",
-    "data/generated/test.csv",
+    "data/generated/train.parquet",
+    "data/generated/test.parquet",
     "data/model/model.safetensors",
     "data/model/trajectory.csv",
     "data/metrics/train.json",
@@ -70,12 +70,14 @@ def test_python_tags_in_params_run_nothing_through_dvc_or_directly(repo: Path, t
     params.write_text(original.replace("seed: 42", f"seed: !!python/object/apply:os.system ['touch {sentinel}']"))
     try:
         through_dvc = sh(repo, "dvc", "repro", check=False)
-        direct = sh(repo, sys.executable, "-m", "pipeline.generate", "--train", "a.csv", "--test", "b.csv", check=False)
+        direct = sh(
+            repo, sys.executable, "-m", "pipeline.generate", "--train", "a.parquet", "--test", "b.parquet", check=False
+        )
     finally:
         params.write_text(original)
     assert through_dvc.returncode != 0 and direct.returncode == 2
     assert "not valid YAML" in direct.stderr and len(direct.stderr.strip().splitlines()) == 1
-    assert not sentinel.exists() and not (repo / "a.csv").exists()
+    assert not sentinel.exists() and not (repo / "a.parquet").exists()
 
 
 # A stage killed mid-way leaves every output whole (or absent), and `dvc repro` recovers.
@@ -114,7 +116,7 @@ def test_sigkill_during_training_leaves_no_truncated_output_and_repro_recovers(r
         if path.exists() and path.read_bytes() != before[p]:
             # Only generate had finished: its tables are complete, new ones (2 million rows in all).
             assert p.startswith("data/generated/"), f"{p} was left changed by a killed stage"
-            assert path.read_bytes().endswith(b"\n") and len(path.read_bytes().splitlines()) > 1000
+            assert len(data.read_table(path)) == (1_600_000 if "train" in p else 400_000)  # reads, every row
     assert not [q.name for q in (repo / "data").rglob("*") if q.is_file() and q.stat().st_size == 0]
     sh(repo, "dvc", "repro")
     assert {p: (repo / p).read_bytes() for p in OUTPUTS} == before  # recovered, to the byte
@@ -164,7 +166,7 @@ def test_unreachable_tracking_server_fails_fast(repo: Path, tmp_path: Path, stag
     args = {
         "train": [
             "--data",
-            "data/generated/train.csv",
+            "data/generated/train.parquet",
             "--model",
             f"{out}/m.pt",
             "--trajectory",
@@ -174,9 +176,9 @@ def test_unreachable_tracking_server_fails_fast(repo: Path, tmp_path: Path, stag
         ],
         "evaluate": [
             "--train-data",
-            "data/generated/train.csv",
+            "data/generated/train.parquet",
             "--test-data",
-            "data/generated/test.csv",
+            "data/generated/test.parquet",
             "--model",
             "data/model/model.safetensors",
             "--trajectory",
@@ -329,7 +331,7 @@ def test_invalid_params_leave_no_output_and_no_run(tmp_path: Path, monkeypatch: 
     with pytest.raises(ConfigError):
         config.load(params)
     t = ["--model", "m.pt", "--trajectory", "t.csv"]
-    assert train.main(["--params", str(params), "--data", "x.csv", *t, "--metrics", "t.json"]) == 2
+    assert train.main(["--params", str(params), "--data", "x.parquet", *t, "--metrics", "t.json"]) == 2
     e = ["--train-data", "x", "--test-data", "x", "--model", "x", "--trajectory", "x", "--train-metrics", "x"]
     assert evaluate.main(["--params", str(params), *e, "--metrics", "m.json", "--plots", "p"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml"]  # no outputs, no mlruns/

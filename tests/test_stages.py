@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline import evaluate, generate, tracking, train
+from pipeline import data, evaluate, generate, tracking, train
 from tests.conftest import REPO
 
 
@@ -25,12 +26,12 @@ def test_generate_writes_both_tables(tmp_path: Path) -> None:
         "--params",
         str(REPO / "params.yaml"),
         "--train",
-        str(tmp_path / "tr.csv"),
+        str(tmp_path / "tr.parquet"),
         "--test",
-        str(tmp_path / "te.csv"),
+        str(tmp_path / "te.parquet"),
     ]
     assert generate.main(args) == 0
-    assert (tmp_path / "tr.csv").stat().st_size > 0 and (tmp_path / "te.csv").stat().st_size > 0
+    assert (tmp_path / "tr.parquet").stat().st_size > 0 and (tmp_path / "te.parquet").stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
 
 
@@ -47,7 +48,7 @@ def test_bad_params_fail_every_stage_in_one_line_writing_nothing(
     params = str(params_with(tmp_path, old, new))
     out = tmp_path / "out"
     runs = [
-        (generate.main, ["--train", f"{out}/a.csv", "--test", f"{out}/b.csv"]),
+        (generate.main, ["--train", f"{out}/a.parquet", "--test", f"{out}/b.parquet"]),
         (
             train.main,
             [
@@ -74,7 +75,7 @@ def test_bad_params_fail_every_stage_in_one_line_writing_nothing(
 def test_train_refuses_a_missing_data_file_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [
         "--data",
-        str(tmp_path / "none.csv"),
+        str(tmp_path / "none.parquet"),
         "--model",
         str(tmp_path / "m.pt"),
         "--trajectory",
@@ -101,11 +102,13 @@ def run_pipeline(params: Path) -> list[int]:
     p = ["--params", str(params)]
     t = ["--model", "m/model.safetensors", "--trajectory", "m/trajectory.csv"]
     evaluate_outputs = ["--train-metrics", "metrics/train.json", "--metrics", "metrics/eval.json", "--plots", "plots"]
-    codes = [generate.main([*p, "--train", "g/train.csv", "--test", "g/test.csv"])]
-    codes.append(train.main([*p, "--data", "g/train.csv", *t, "--metrics", "metrics/train.json"]))
+    codes = [generate.main([*p, "--train", "g/train.parquet", "--test", "g/test.parquet"])]
+    codes.append(train.main([*p, "--data", "g/train.parquet", *t, "--metrics", "metrics/train.json"]))
     if codes[-1] == 0:
         codes.append(
-            evaluate.main([*p, "--train-data", "g/train.csv", "--test-data", "g/test.csv", *t, *evaluate_outputs])
+            evaluate.main(
+                [*p, "--train-data", "g/train.parquet", "--test-data", "g/test.parquet", *t, *evaluate_outputs]
+            )
         )
     return codes
 
@@ -150,7 +153,11 @@ def test_learning_rate_above_the_stability_limit_is_refused_before_any_work(
     params = params_with(workdir, "lr: 0.1 ", "lr: 1.5 ")
     assert run_pipeline(params) == [0, 2]
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "train.lr = 1.5: at or above the largest stable learning rate 0.99" in err
+    # The limit 2 / λ_max of H = (2/N) A^T A, from numpy on the table the stage read.
+    t = data.read_table(workdir / "g" / "train.parquet")
+    A = np.column_stack([t.X.astype(np.float64), np.ones(len(t))])
+    limit = 2 / np.linalg.eigvalsh(2 / len(A) * A.T @ A)[-1]
+    assert f"train.lr = 1.5: at or above the largest stable learning rate {limit:.4g} for this data" in err
     assert not (workdir / "m").exists() and not (workdir / "mlruns").exists()
 
 
