@@ -159,3 +159,24 @@ def test_compiled_five_steps_follow_the_eager_trajectory(cfg: config.Config) -> 
         runs.append(loop.fit(learner, len(Xa), 30))
     # The compiled step fuses the sums differently; in float64 that changes only the last bits.
     np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow  # compiling from a cold inductor cache takes ~11 s
+def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch_config_alone(
+    cfg: config.Config,
+) -> None:
+    import torch._functorch.config as functorch_config
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    before = (functorch_config.activation_memory_budget, decompose_mem_bound_mm.cpu_max_first_dimension_decomposition)
+    X, y = loop.as_arrays(*train_arrays(cfg, n_samples=125_000))  # 1e5 training rows, the pipeline's float32
+    runs = []
+    for compile_step in (False, True, True):
+        learner = loop.make_learner("nn", loop.make_model(0), X, y, "sgd", 0.1, 0.0, compile_step)
+        runs.append(loop.fit(learner, len(X), 20).values)
+    # The compiled step recomputes the residual in the backward and sums in another order: float32 rounding.
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4, atol=1e-5)
+    assert runs[1].tobytes() == runs[2].tobytes()  # deterministic: same params, same bytes
+    # The compile settings apply only around the compiled calls; the rest of the process keeps torch's defaults.
+    after = (functorch_config.activation_memory_budget, decompose_mem_bound_mm.cpu_max_first_dimension_decomposition)
+    assert after == before
