@@ -146,6 +146,7 @@ def test_compile_is_chosen_only_where_it_pays() -> None:
     assert not loop.should_compile("auto", "nn", 100, 1000)  # the defaults: eager
     assert loop.should_compile("auto", "nn", 10_000_000, 1000)
     assert not loop.should_compile("auto", "numpy", 10_000_000, 1000)
+    assert not loop.should_compile("auto", "nn", 100_000, 100_000)  # many epochs, but the compiled step is slower
     assert loop.should_compile("on", "nn", 10, 1) and not loop.should_compile("off", "nn", 10**8, 10**4)
 
 
@@ -180,3 +181,11 @@ def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch
     # The compile settings apply only around the compiled calls; the rest of the process keeps torch's defaults.
     after = (functorch_config.activation_memory_budget, decompose_mem_bound_mm.cpu_max_first_dimension_decomposition)
     assert after == before
+
+
+def test_one_feature_is_stored_column_major_without_a_copy() -> None:
+    X = torch.arange(5.0).reshape(5, 1)
+    C = loop.column_major(X)
+    assert torch.equal(C, X) and C.stride() == (1, 5) and C.data_ptr() == X.data_ptr()
+    wide = torch.zeros(5, 3)
+    assert loop.column_major(wide) is wide  # several features: left as they are
