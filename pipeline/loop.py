@@ -10,9 +10,10 @@ With the same start, data and learning rate they produce the same trajectory (te
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -102,30 +103,63 @@ class Learner(Protocol):
     def params(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def compiled_train_step() -> Any:
-    """train_step through torch.compile: the same five steps, fused into a few kernels.
+TrainStep = Callable[[nn.Module, nn.Module, optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor]
 
-    Inductor is also told to rewrite nn.Linear's two matrix products as fused multiply-and-sum loops: the
-    weight gradient, a (1, N) @ (N, 1) product, runs ~40x slower than a dot product as a BLAS call and
-    dominates the eager step at large N. Measured at N = 1e7 on 2 cores, 1 thread: 65 ms eager, 26 ms
-    compiled, 21 ms compiled with the rewrite (benchmarks/bench.py, P3).
+
+def compiled_train_step() -> TrainStep:
+    """train_step through torch.compile: the same five steps, fused into two passes over the data.
+
+    At large N the step is bound by memory traffic, and two settings decide it (P3 in benchmarks/bench.py, N = 1e7,
+    one thread, 2-core machine; the floor, one torch pass for sum x, sum y, sum xy, sum x^2, takes ~4.5 ms):
+    - Inductor rewrites nn.Linear's two matrix products as fused multiply-and-sum loops. As BLAS calls, the forward
+      X @ W.T writes an (N, 1) result and the weight gradient, a (1, N) @ (N, 1) product, runs ~10x slower than a
+      dot product; without the rewrite the compiled step takes ~43 ms.
+    - The partitioner is told to save no activation: the backward recomputes the residual X @ W.T + b - y from X and
+      y instead of keeping 2/N (y_pred - y) from the forward. That saved tensor was a fresh N-row buffer every step,
+      and allocating it (page faults on memory that malloc returns to the OS) cost ~11 ms of a 23 ms step. Now the
+      forward is one pass over x, y (the loss) and the backward one more (sum of r*x and of r): ~5 ms.
+    Both are compile-time settings that torch reads while compiling, which happens on the first call and on any
+    recompilation (a new batch shape): the returned step applies them around each call, leaving the rest of the
+    process unchanged. That costs ~15 us per call, noise at the sizes that compile (should_compile).
     """
-    import torch._inductor.config as inductor_config
+    import torch._functorch.config as functorch_config
     from torch._inductor.fx_passes import decompose_mem_bound_mm
 
-    # Both products of nn.Linear(k, 1) are memory-bound (one side is k x 1): the forward X @ W.T as well.
+    # Both products of nn.Linear(k, 1) are memory-bound (one side is k x 1), so decompose them at any size.
     limit = 2**62
-    inductor_config.post_grad_fusion_options = {
-        "decompose_mm_pass": {
-            "cpu_max_first_dimension_decomposition": limit,
-            "cpu_max_other_dimension_decomposition": limit,
-        }
+    decompose_all: dict[str, Any] = {
+        "cpu_max_first_dimension_decomposition": limit,
+        "cpu_max_other_dimension_decomposition": limit,
     }
-    # The pass reads these limits when its module is first imported: set them there too.
-    decompose_mem_bound_mm.cpu_max_first_dimension_decomposition = limit
-    decompose_mem_bound_mm.cpu_max_other_dimension_decomposition = limit
+    options: dict[str, Any] = {"post_grad_fusion_options": {"decompose_mm_pass": decompose_all}}
     torch.use_deterministic_algorithms(True)  # also turns on inductor's deterministic mode
-    return torch.compile(train_step)
+    compiled = torch.compile(train_step, options=options)
+
+    def step(
+        model: nn.Module, criterion: nn.Module, optimizer: optim.Optimizer, X: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        # The pass copies its limits from the inductor options only when its module is first imported: patch both.
+        with (
+            functorch_config.patch(activation_memory_budget=0.0),
+            mock.patch.multiple(decompose_mem_bound_mm, **decompose_all),
+        ):
+            return compiled(model, criterion, optimizer, X, y)
+
+    return step
+
+
+def column_major(X: torch.Tensor) -> torch.Tensor:
+    """One feature (N, 1) as the transpose of an (N,) row: the same memory and values, strides (1, N) not (1, 1).
+
+    The strides of a size-1 dimension change no element's address, but MKL's gemm takes an (N, 1) operand with
+    strides (1, 1) as row-major with leading dimension 1, and there nn.Linear's weight gradient, a (1, N) @ (N, 1)
+    product, runs ~9x slower than a dot product (0.76 vs 0.085 ms at N = 1e6, one thread) and the forward
+    X @ W.T ~3x slower. As a column-major operand both take BLAS's fast path: the eager step at N = 1e6 goes
+    from ~2.1 to ~1.3 ms. Several features keep their row-major layout (a column-major copy would double X).
+    """
+    if X.shape[1] != 1:
+        return X
+    return X.reshape(1, -1).T
 
 
 class NNLearner:
@@ -141,8 +175,8 @@ class NNLearner:
     ):
         self.model, self.criterion = model, nn.MSELoss()
         self.optimizer = make_optimizer(optimizer, list(model.parameters()), lr, momentum)
-        self.X, self.y = torch.from_numpy(X), torch.from_numpy(y)
-        self.train_step = compiled_train_step() if compile else train_step
+        self.X, self.y = column_major(torch.from_numpy(X)), torch.from_numpy(y)
+        self.train_step: TrainStep = compiled_train_step() if compile else train_step
 
     def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         loss = self.train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows])
@@ -253,13 +287,16 @@ def make_learner(
 
 
 def should_compile(setting: str, method: str, rows_per_step: int, epochs: int) -> bool:
-    """train.compile: on, off, or auto: compile the nn step when the eager work would take ~20 s or more.
+    """train.compile: on, off, or auto: compile the nn step when the work is large enough to repay compiling.
 
-    Compiling costs 1-10 s once and pays back ~60 ns per row and step at large N; at small N it is slower.
+    Compiling costs 2-10 s once. Per step (one feature, one thread) the compiled step saves ~0.8 ms at 1e6 rows
+    (eager 1.2 ms, compiled 0.4 ms) and ~55 ms at 1e7 (60 vs 5 ms: eager allocates N-row temporaries, and above
+    malloc's 32 MB mmap threshold each one costs fresh pages); at 1e5 rows the compiled step's fixed ~0.2 ms per
+    call makes it slower than eager (0.17 ms), and the two break even near 3e5.
     """
     if setting != "auto":
         return setting == "on"
-    return method == "nn" and rows_per_step >= 100_000 and rows_per_step * epochs >= 3_000_000_000
+    return method == "nn" and rows_per_step >= 300_000 and rows_per_step * epochs >= 3_000_000_000
 
 
 def set_deterministic() -> None:

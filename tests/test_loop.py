@@ -147,6 +147,7 @@ def test_compile_is_chosen_only_where_it_pays() -> None:
     assert not loop.should_compile("auto", "nn", 100, 1000)  # the defaults: eager
     assert loop.should_compile("auto", "nn", 10_000_000, 1000)
     assert not loop.should_compile("auto", "numpy", 10_000_000, 1000)
+    assert not loop.should_compile("auto", "nn", 100_000, 100_000)  # many epochs, but the compiled step is slower
     assert loop.should_compile("on", "nn", 10, 1) and not loop.should_compile("off", "nn", 10**8, 10**4)
 
 
@@ -160,3 +161,32 @@ def test_compiled_five_steps_follow_the_eager_trajectory(cfg: config.Config) -> 
         runs.append(loop.fit(learner, len(Xa), 30))
     # The compiled step fuses the sums differently; in float64 that changes only the last bits.
     np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow  # compiling from a cold inductor cache takes ~11 s
+def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch_config_alone(
+    cfg: config.Config,
+) -> None:
+    import torch._functorch.config as functorch_config
+    from torch._inductor.fx_passes import decompose_mem_bound_mm
+
+    before = (functorch_config.activation_memory_budget, decompose_mem_bound_mm.cpu_max_first_dimension_decomposition)
+    X, y = loop.as_arrays(*train_arrays(cfg, n_samples=125_000))  # 1e5 training rows, the pipeline's float32
+    runs = []
+    for compile_step in (False, True, True):
+        learner = loop.make_learner("nn", loop.make_model(0), X, y, "sgd", 0.1, 0.0, compile_step)
+        runs.append(loop.fit(learner, len(X), 20).values)
+    # The compiled step recomputes the residual in the backward and sums in another order: float32 rounding.
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4, atol=1e-5)
+    assert runs[1].tobytes() == runs[2].tobytes()  # deterministic: same params, same bytes
+    # The compile settings apply only around the compiled calls; the rest of the process keeps torch's defaults.
+    after = (functorch_config.activation_memory_budget, decompose_mem_bound_mm.cpu_max_first_dimension_decomposition)
+    assert after == before
+
+
+def test_one_feature_is_stored_column_major_without_a_copy() -> None:
+    X = torch.arange(5.0).reshape(5, 1)
+    C = loop.column_major(X)
+    assert torch.equal(C, X) and C.stride() == (1, 5) and C.data_ptr() == X.data_ptr()
+    wide = torch.zeros(5, 3)
+    assert loop.column_major(wide) is wide  # several features: left as they are
