@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +190,32 @@ def test_tracking_off_runs_the_pipeline_without_any_store(workdir: Path, monkeyp
     monkeypatch.setenv("PIPELINE_TRACKING", "off")
     assert run_pipeline(params_with(workdir, "epochs: 100", "epochs: 20")) == [0, 0, 0]
     assert (workdir / "metrics/eval.json").exists() and not (workdir / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> None:
+    """The train stage draws a tqdm bar only when stderr is a terminal (a pseudo-terminal here)."""
+    assert run_pipeline(params_with(workdir, "epochs: 100 ", "epochs: 100 ")) == [0, 0, 0]
+    cmd = [sys.executable, "-m", "pipeline.train", "--data", "g/train.parquet"]
+    cmd += ["--model", "m2.safetensors", "--trajectory", "t2.csv", "--metrics", "t2.json"]
+    env = {**os.environ, "PIPELINE_TRACKING": "off"}
+    outputs = {}
+    for name in ("terminal", "file"):
+        if name == "terminal":
+            leader, follower = pty.openpty()
+            # A new pseudo-terminal is 0 columns wide, and tqdm cuts its bar to the width: make it 80 x 24.
+            fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+            proc = subprocess.run(cmd, cwd=workdir, env=env, stderr=follower, stdout=subprocess.DEVNULL, timeout=120)
+            os.close(follower)
+            chunks = []
+            with contextlib.suppress(OSError):  # EIO once everything written has been read
+                while chunk := os.read(leader, 65536):
+                    chunks.append(chunk)
+            os.close(leader)
+            outputs[name] = b"".join(chunks).decode(errors="replace")
+        else:
+            proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
+            outputs[name] = proc.stderr
+        assert proc.returncode == 0
+    assert "training:" in outputs["terminal"] and "/100 [" in outputs["terminal"]  # n/epochs, then times
+    assert "training:" not in outputs["file"] and "it/s" not in outputs["file"] and "epoch/s" not in outputs["file"]
