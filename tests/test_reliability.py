@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from dvc.utils.serialize import parse_yaml
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, evaluate, tracking, train
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrackingError
 from pipeline.io import md5_file
 from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh, wait_for_port
 
@@ -150,7 +149,8 @@ def test_noop_repro_makes_no_run_and_a_run_cache_restore_stays_findable(repo: Pa
     assert len(runs_in(repo)) == count + 1  # only the lr=0.05 execution made a run
     tracker = tracking.connect(config.load(params).tracking.experiment, repo)
     run_id = tracker.find_run(md5_file(repo / "data/model/model.safetensors"))
-    assert run_id is not None and "weight.learned" in tracker.client.get_run(run_id).data.metrics
+    tracker.close()
+    assert run_id is not None and "weight.learned" in MlflowClient(tracker.uri).get_run(run_id).data.metrics
 
 
 # An unreachable tracking server fails the stage in seconds, naming the URI, before any output.
@@ -309,12 +309,17 @@ def test_every_logged_artifact_path_is_relative_and_inside_the_run(repo: Path) -
                     pending.append(a.path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["../escape", "/etc", "plots/../../x"])
 def test_artifact_paths_that_leave_the_run_are_refused(tmp_path: Path, bad: str) -> None:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     tracker = tracking.connect("t", tmp_path)
-    with pytest.raises(MlflowException, match="Invalid artifact path"), tracker.run() as run_id:
-        tracker.log_artifact(run_id, tmp_path / "dvc.yaml", bad)
+    with pytest.raises(TrackingError, match="Invalid artifact path") as refused, tracker.run() as run:
+        tracker.log_artifact(run, tmp_path / "dvc.yaml", bad)
+    assert str(refused.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(refused.value)
+    assert run.id is not None
+    client = MlflowClient(tracker.uri)
+    assert client.get_run(run.id).info.status == "FAILED" and client.list_artifacts(run.id) == []
 
 
 # Params errors leave nothing behind, run directly as through DVC (the DVC side: test_pipeline_e2e.py).
