@@ -3,6 +3,7 @@ writers, repeated runs. Each test here fails without the behaviour it names (REA
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,6 +118,82 @@ def test_sigkill_during_training_leaves_no_truncated_output_and_repro_recovers(r
     assert not [q.name for q in (repo / "data").rglob("*") if q.is_file() and q.stat().st_size == 0]
     sh(repo, "dvc", "repro")
     assert {p: (repo / p).read_bytes() for p in OUTPUTS} == before  # recovered, to the byte
+
+
+def train_args(out: Path) -> list[str]:
+    return [
+        *("--data", "data/generated/train.csv", "--model", f"{out}/m.safetensors"),
+        *("--trajectory", f"{out}/t.csv", "--metrics", f"{out}/t.json"),
+    ]
+
+
+def evaluate_args(out: Path) -> list[str]:
+    """evaluate on what train_args(out) wrote."""
+    return [
+        *("--train-data", "data/generated/train.csv", "--test-data", "data/generated/test.csv"),
+        *("--model", f"{out}/m.safetensors", "--trajectory", f"{out}/t.csv", "--train-metrics", f"{out}/t.json"),
+        *("--metrics", f"{out}/m.json", "--plots", f"{out}/p"),
+    ]
+
+
+# A stage that dies leaves its run FAILED: the tracking worker sees its stdin end without the run's end.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["SIGKILL to the stage", "SIGTERM to its process group"])
+def test_a_killed_stage_leaves_its_run_failed_not_running(repo: Path, tmp_path: Path, kill: str) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text().replace("epochs: 100 ", "epochs: 10000000 "))
+    before = {r.info.run_id for r in runs_in(repo)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--params", str(params), *train_args(tmp_path / "out")],
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as under a shell or DVC
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (new := [r for r in runs_in(repo) if r.info.run_id not in before]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert new and new[0].info.status == "RUNNING", "the run never appeared"
+        assert proc.poll() is None, "the stage ended before it could be killed"  # 10 million epochs: training
+        if kill == "SIGKILL to the stage":  # as the kernel's OOM killer does: the stage alone
+            os.kill(proc.pid, signal.SIGKILL)
+        else:  # as `timeout`, CI cancellation or `kill -- -PGID` do
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        client = MlflowClient(tracking.default_uri(repo))
+        deadline = time.monotonic() + 60
+        while (status := client.get_run(new[0].info.run_id).info.status) == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the worker, should it have outlived the test
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert status == "FAILED"
+    assert client.get_run(new[0].info.run_id).data.params["train.epochs"] == "10000000"  # what it sent first
+
+
+# The stages hand all MLflow work to the worker: they never import it, and their run is still complete.
+
+
+@pytest.mark.slow
+def test_the_stages_never_import_mlflow_yet_their_run_is_complete(repo: Path, tmp_path: Path) -> None:
+    before = {r.info.run_id for r in runs_in(repo)}
+    out = tmp_path / "out"
+    imported = {}
+    for stage, args in (("train", train_args(out)), ("evaluate", evaluate_args(out))):
+        # -X importtime lists every module this process imports; the worker it starts does not inherit it.
+        stderr = sh(repo, sys.executable, "-X", "importtime", "-m", f"pipeline.{stage}", *args).stderr
+        imported[stage] = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if "import time:" in line}
+    assert "torch" in imported["train"] and "sklearn" in imported["evaluate"]  # the listing does show imports
+    for stage, modules in imported.items():
+        heavy = sorted(m for m in modules if m.split(".")[0] in ("mlflow", "sqlalchemy", "alembic"))
+        assert heavy == [], f"{stage} imported {heavy[:5]}"
+    new = [r for r in runs_in(repo) if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    assert {"loss", "weight.learned"} <= set(new[0].data.metrics)  # train's series and evaluate's metrics
 
 
 # Same params, same bytes.
