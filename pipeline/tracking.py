@@ -15,6 +15,7 @@ import os
 import pickle
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -41,6 +42,7 @@ WORKER_MODULE = "pipeline.tracking_worker"
 SOURCE_NAME_TAG = "mlflow.source.name"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 REPLY_HEADER = struct.Struct("!I")  # each reply is its pickled length, then the pickle
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -117,6 +119,9 @@ class _Worker:
         package_root = str(Path(__file__).resolve().parents[1])
         pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
         command = [sys.executable, "-P", "-m", WORKER_MODULE, uri, experiment, str(reply_write), str(self.staging)]
+        # The worker ignores Ctrl-C and SIGTERM, but only once its Python is up. Blocked here, they are inherited
+        # blocked, so one sent meanwhile waits and the worker discards it; this process gets it at the unblock.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             self.proc = subprocess.Popen(
                 command, stdin=subprocess.PIPE, pass_fds=(reply_write,), env=os.environ | {"PYTHONPATH": pythonpath}
@@ -127,6 +132,7 @@ class _Worker:
             raise TrackingError(f"MLflow store {uri}: cannot start the tracking worker: {first_line(e)}") from None
         finally:
             os.close(reply_write)  # else the reply pipe would never reach EOF
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.replies = reply_read
         self.buffer = bytearray()
         self.eof = False

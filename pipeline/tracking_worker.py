@@ -219,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A SIGTERM to the group ends the stage; staying alive until stdin ends lets us log what it sent and mark
     # the run FAILED.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, tracking.STOP_SIGNALS)  # blocked by the stage until now
     uri, experiment, reply_fd, staging = argv or sys.argv[1:]
     fd = int(reply_fd)
     os.set_inheritable(fd, False)

@@ -116,8 +116,13 @@ def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(KeyboardInterrupt), tracker.run() as run:
         tracker.log_params(run, {"a": 1})
+        pid = tracker.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, the worker included
         raise KeyboardInterrupt
-    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "KILLED"
+    assert run.id is not None
+    finished = client_for(tracker).get_run(run.id)
+    assert finished.info.status == "KILLED" and finished.data.params == {"a": "1"}  # the worker carried on
 
 
 @pytest.mark.slow
