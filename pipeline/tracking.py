@@ -189,7 +189,9 @@ class _Worker:
 class Tracker:
     """One store and one experiment, as the stage sees them: every logging call returns at once.
 
-    A worker handles one run and exits when the run ends; a later run() (tests do that) starts another.
+    A worker handles one run and exits when the run ends; a later run() (tests do that) starts another. The
+    logging calls take the run's handle as the stages always passed a run id, though a tracker has at most one
+    run open and the worker knows which.
     """
 
     def __init__(self, uri: str, experiment: str) -> None:
@@ -200,7 +202,7 @@ class Tracker:
         self._run: Run | None = None
         self._found: list[str | None] = []
         self._error: str | None = None  # the first failure the worker reported
-        self._failed: TrackingError | None = None  # raised already: the stage learns of a failure once
+        self._failed: TrackingError | None = None  # raised once already; later calls raise it again
 
     # The worker's lifetime.
 
@@ -382,7 +384,8 @@ class Tracker:
         """Record a table as a run input whose digest is the file's hash (the md5 in dvc.lock).
 
         Only its description travels: the table may be far too large to send, or not in memory at all. The
-        entry is the one MLflow makes for a DataFrame of float64 columns (mlflow.data.from_pandas).
+        entry is the one MLflow makes for a DataFrame of float64 columns (mlflow.data.from_pandas). `targets`
+        is only checked against the columns: MLflow's entry for a DataFrame does not record it either.
         """
         if targets not in columns:
             raise ValueError(f"dataset {name!r}: target column {targets!r} is not among {list(columns)}")
