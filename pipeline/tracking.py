@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import pickle
+import secrets
 import select
 import shutil
 import signal
@@ -111,8 +112,9 @@ class _Worker:
 
     def __init__(self, uri: str, experiment: str) -> None:
         # The stage may delete or rewrite a file right after logging it, so log_artifact snapshots the file
-        # into this folder, which the worker owns and removes when it exits.
-        self.staging = Path(tempfile.mkdtemp(prefix="pipeline-artifacts-"))
+        # into this folder, which the worker removes when it exits. Made at the first artifact only: a worker
+        # killed with its stage (SIGKILL to the group) cannot clean up, and most of them die before any artifact.
+        self.staging = Path(tempfile.gettempdir()) / f"pipeline-artifacts-{secrets.token_hex(8)}"
         reply_read, reply_write = os.pipe()
         # -P and PYTHONPATH: the worker imports this very package, not whatever `pipeline` the current folder or
         # an editable install of another checkout would give it.
@@ -128,7 +130,6 @@ class _Worker:
             )
         except OSError as e:
             os.close(reply_read)
-            shutil.rmtree(self.staging, ignore_errors=True)
             raise TrackingError(f"MLflow store {uri}: cannot start the tracking worker: {first_line(e)}") from None
         finally:
             os.close(reply_write)  # else the reply pipe would never reach EOF
@@ -179,6 +180,8 @@ class _Worker:
         return len(self.buffer) >= REPLY_HEADER.size + size
 
     def stage_artifact(self, path: Path) -> Path:
+        if self.artifacts == 0:
+            self.staging.mkdir(mode=0o700)  # not exist_ok: a folder someone else made is not ours to use
         self.artifacts += 1
         copy = self.staging / str(self.artifacts) / path.name  # the name MLflow logs it under
         copy.parent.mkdir()
