@@ -204,16 +204,11 @@ def evaluate(args: argparse.Namespace) -> None:
 
     # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
     model_md5 = md5_file(args.model)
-    run_id = tracker.find_run(model_md5)
-    if run_id is None and not isinstance(tracker, tracking.OfflineTracker):
-        cli.log.warning("no MLflow run trained model %s in %s; starting a new run", model_md5, tracker.uri)
-    with tracker.run(run_id=run_id) as rid:
-        if run_id is None:
-            tracker.set_tags(rid, tracking.provenance_tags("evaluate") | {tracking.MODEL_TAG: model_md5})
-        tracker.log_metrics(rid, tracking.flatten(metrics))
-        tracker.log_artifact(rid, args.metrics)
+    with tracker.run(attach_to_model=model_md5, tags_if_new=tracking.provenance_tags("evaluate")) as run:
+        tracker.log_metrics(run, tracking.flatten(metrics))
+        tracker.log_artifact(run, args.metrics)
         for name in pngs:
-            tracker.log_artifact(rid, plot_dir / name, "plots")
+            tracker.log_artifact(run, plot_dir / name, "plots")
     for label, line in (("learned", learned), ("closed form", closed), ("true", true)):
         values = "  ".join(f"{n}={v:.6g}" for n, v in zip([*names, "bias"], line.params(), strict=True))
         cli.log.info("%-11s %s", label, values)

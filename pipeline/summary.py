@@ -42,6 +42,7 @@ def summarise(args: argparse.Namespace) -> None:
     print(table(metrics, json.loads(Path(paths["train_metrics"]).read_text())))
     tracker = tracking.connect(cfg.tracking.experiment)
     run_id = tracker.find_run(md5_file(paths["model"]))
+    tracker.close()
     if run_id is None:
         print(f"MLflow: no run for this model in {tracker.uri}")
         return

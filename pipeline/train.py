@@ -97,20 +97,19 @@ def train(args: argparse.Namespace) -> None:
     learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step)
     names = data.weight_names(k)
 
-    with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run_id:
-        cli.log.info("MLflow run %s in %s", run_id, tracker.uri)
-        tracker.set_tags(run_id, tracking.provenance_tags("train") | {"data_md5": data_md5})
+    with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
+        tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5})
         w0, b0 = learner.params()
         init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
-        tracker.log_params(run_id, cfg.flat() | init | {"data.n_train": len(table), "compiled": compile_step})
+        tracker.log_params(run, cfg.flat() | init | {"data.n_train": len(table), "compiled": compile_step})
         tracker.log_dataset(
-            run_id,
+            run,
             source=args.data,
             name="train",
             digest=data_md5,
             context="training",
             n_rows=len(table),
-            columns=table.columns,
+            columns=list(table.columns),
         )
 
         traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty())
@@ -134,12 +133,12 @@ def train(args: argparse.Namespace) -> None:
         series["bias"] = ([0, *steps], [traj.init_bias, *traj.column("bias")])
         if p.batch_size is not None:
             series["batch_loss"] = (np.arange(1, len(traj.batch_loss) + 1), traj.batch_loss)
-        tracker.log_series(run_id, series)
+        tracker.log_series(run, series)
         if traj.diverged_at is not None:
             # The run keeps the trajectory up to the failure; the stage's outputs are not written at all.
             with tempfile.TemporaryDirectory() as tmp:
                 data.write_csv(frame, Path(tmp) / "trajectory.csv")
-                tracker.log_artifact(run_id, Path(tmp) / "trajectory.csv")
+                tracker.log_artifact(run, Path(tmp) / "trajectory.csv")
             raise DivergenceError(
                 f"train: loss is not finite at epoch {traj.diverged_at} with train.lr = {p.lr}; the largest stable "
                 f"learning rate for this data is {stab.lr_max:.4g}"
@@ -152,12 +151,12 @@ def train(args: argparse.Namespace) -> None:
         write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
 
         flat = {k: v for k, v in tracking.flatten(report).items() if not k.startswith("init.")}
-        tracker.log_metrics(run_id, flat, step=p.epochs)
+        tracker.log_metrics(run, flat, step=p.epochs)
         for path in (args.trajectory, args.metrics):
-            tracker.log_artifact(run_id, path)
-        tracker.log_artifact(run_id, args.model, "model")
+            tracker.log_artifact(run, path)
+        tracker.log_artifact(run, args.model, "model")
         # Last: evaluate finds this run by the model's hash, so the tag marks a complete run.
-        tracker.set_tags(run_id, {tracking.MODEL_TAG: md5_file(args.model)})
+        tracker.set_tags(run, {tracking.MODEL_TAG: md5_file(args.model)})
 
     c = report["convergence"]
     cli.log.info(

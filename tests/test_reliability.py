@@ -3,6 +3,7 @@ writers, repeated runs. Each test here fails without the behaviour it names (REA
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,11 +15,10 @@ from pathlib import Path
 
 import pytest
 from dvc.utils.serialize import parse_yaml
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, data, evaluate, tracking, train
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrackingError
 from pipeline.io import md5_file
 from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh, wait_for_port
 
@@ -122,6 +122,82 @@ def test_sigkill_during_training_leaves_no_truncated_output_and_repro_recovers(r
     assert {p: (repo / p).read_bytes() for p in OUTPUTS} == before  # recovered, to the byte
 
 
+def train_args(out: Path) -> list[str]:
+    return [
+        *("--data", "data/generated/train.parquet", "--model", f"{out}/m.safetensors"),
+        *("--trajectory", f"{out}/t.csv", "--metrics", f"{out}/t.json"),
+    ]
+
+
+def evaluate_args(out: Path) -> list[str]:
+    """evaluate on what train_args(out) wrote."""
+    return [
+        *("--train-data", "data/generated/train.parquet", "--test-data", "data/generated/test.parquet"),
+        *("--model", f"{out}/m.safetensors", "--trajectory", f"{out}/t.csv", "--train-metrics", f"{out}/t.json"),
+        *("--metrics", f"{out}/m.json", "--plots", f"{out}/p"),
+    ]
+
+
+# A stage that dies leaves its run FAILED: the tracking worker sees its stdin end without the run's end.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["SIGKILL to the stage", "SIGTERM to its process group"])
+def test_a_killed_stage_leaves_its_run_failed_not_running(repo: Path, tmp_path: Path, kill: str) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text((repo / "params.yaml").read_text().replace("epochs: 100 ", "epochs: 10000000 "))
+    before = {r.info.run_id for r in runs_in(repo)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--params", str(params), *train_args(tmp_path / "out")],
+        cwd=repo,
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as under a shell or DVC
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (new := [r for r in runs_in(repo) if r.info.run_id not in before]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert new and new[0].info.status == "RUNNING", "the run never appeared"
+        assert proc.poll() is None, "the stage ended before it could be killed"  # 10 million epochs: training
+        if kill == "SIGKILL to the stage":  # as the kernel's OOM killer does: the stage alone
+            os.kill(proc.pid, signal.SIGKILL)
+        else:  # as `timeout`, CI cancellation or `kill -- -PGID` do
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        client = MlflowClient(tracking.default_uri(repo))
+        deadline = time.monotonic() + 60
+        while (status := client.get_run(new[0].info.run_id).info.status) == "RUNNING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the worker, should it have outlived the test
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert status == "FAILED"
+    assert client.get_run(new[0].info.run_id).data.params["train.epochs"] == "10000000"  # what it sent first
+
+
+# The stages hand all MLflow work to the worker: they never import it, and their run is still complete.
+
+
+@pytest.mark.slow
+def test_the_stages_never_import_mlflow_yet_their_run_is_complete(repo: Path, tmp_path: Path) -> None:
+    before = {r.info.run_id for r in runs_in(repo)}
+    out = tmp_path / "out"
+    imported = {}
+    for stage, args in (("train", train_args(out)), ("evaluate", evaluate_args(out))):
+        # -X importtime lists every module this process imports; the worker it starts does not inherit it.
+        stderr = sh(repo, sys.executable, "-X", "importtime", "-m", f"pipeline.{stage}", *args).stderr
+        imported[stage] = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if "import time:" in line}
+    assert "torch" in imported["train"] and "sklearn" in imported["evaluate"]  # the listing does show imports
+    for stage, modules in imported.items():
+        heavy = sorted(m for m in modules if m.split(".")[0] in ("mlflow", "sqlalchemy", "alembic"))
+        assert heavy == [], f"{stage} imported {heavy[:5]}"
+    new = [r for r in runs_in(repo) if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    assert {"loss", "weight.learned"} <= set(new[0].data.metrics)  # train's series and evaluate's metrics
+
+
 # Same params, same bytes.
 
 
@@ -152,7 +228,8 @@ def test_noop_repro_makes_no_run_and_a_run_cache_restore_stays_findable(repo: Pa
     assert len(runs_in(repo)) == count + 1  # only the lr=0.05 execution made a run
     tracker = tracking.connect(config.load(params).tracking.experiment, repo)
     run_id = tracker.find_run(md5_file(repo / "data/model/model.safetensors"))
-    assert run_id is not None and "weight.learned" in tracker.client.get_run(run_id).data.metrics
+    tracker.close()
+    assert run_id is not None and "weight.learned" in MlflowClient(tracker.uri).get_run(run_id).data.metrics
 
 
 # An unreachable tracking server fails the stage in seconds, naming the URI, before any output.
@@ -311,12 +388,17 @@ def test_every_logged_artifact_path_is_relative_and_inside_the_run(repo: Path) -
                     pending.append(a.path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["../escape", "/etc", "plots/../../x"])
 def test_artifact_paths_that_leave_the_run_are_refused(tmp_path: Path, bad: str) -> None:
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     tracker = tracking.connect("t", tmp_path)
-    with pytest.raises(MlflowException, match="Invalid artifact path"), tracker.run() as run_id:
-        tracker.log_artifact(run_id, tmp_path / "dvc.yaml", bad)
+    with pytest.raises(TrackingError, match="Invalid artifact path") as refused, tracker.run() as run:
+        tracker.log_artifact(run, tmp_path / "dvc.yaml", bad)
+    assert str(refused.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(refused.value)
+    assert run.id is not None
+    client = MlflowClient(tracker.uri)
+    assert client.get_run(run.id).info.status == "FAILED" and client.list_artifacts(run.id) == []
 
 
 # Params errors leave nothing behind, run directly as through DVC (the DVC side: test_pipeline_e2e.py).

@@ -1,20 +1,50 @@
-"""Where the MLflow store is, how runs end, and batched logging, against a throw-away SQLite store."""
+"""Where the MLflow store is, how runs end, and how the stage's calls reach the store through the tracking
+worker, against throw-away SQLite stores read back with MLflow's own client.
+
+Each run starts a worker process that imports MLflow (about 2 s with a new store), so most tests here are
+marked slow.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
+import numpy as np
+import pandas as pd
 import pytest
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.tracking import MlflowClient
+from mlflow.utils import mlflow_tags
 
-from pipeline import tracking
+from pipeline import generate, tracking, tracking_worker, train
+from pipeline.errors import TrackingError
+from tests.conftest import REPO
 
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PIPELINE_TRACKING", raising=False)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     return tmp_path
+
+
+def client_for(tracker: tracking.Tracker) -> MlflowClient:
+    """A client of our own in this process: the oracle for what the worker wrote."""
+    return MlflowClient(tracker.uri)
+
+
+def artifact_file(tracker: tracking.Tracker, run_id: str, path: str) -> Path:
+    uri = client_for(tracker).get_run(run_id).info.artifact_uri
+    return Path(unquote(urlparse(uri).path)) / path
 
 
 @pytest.mark.parametrize("inner", [".dvc/tmp/exps/tmpab12", ".dvc/tmp/exps/standalone/tmpcd34/data"])
@@ -35,46 +65,235 @@ def test_environment_overrides_the_store(root: Path, monkeypatch: pytest.MonkeyP
     assert tracking.tracking_uri(root) == "http://127.0.0.1:5999"
 
 
-def test_series_are_logged_in_batches_and_read_back_exactly(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_tag_names_spelt_out_are_mlflows_own() -> None:
+    assert tracking.SOURCE_NAME_TAG == mlflow_tags.MLFLOW_SOURCE_NAME
+    assert tracking.GIT_COMMIT_TAG == mlflow_tags.MLFLOW_GIT_COMMIT
+
+
+@pytest.mark.slow
+def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path) -> None:
     tracker = tracking.connect("t", root)
-    assert (
-        tracker.client.get_experiment(tracker.experiment_id).artifact_location
-        == (root / "mlruns" / "artifacts").as_uri()
-    )
+    steps = list(range(1250))
+    with tracker.run() as run:
+        tracker.log_series(run, {"a": (steps, [0.5 * s for s in steps]), "b": (np.arange(1250), np.full(1250, -1.0))})
+    assert run.id is not None
+    client = client_for(tracker)
+    assert sorted((p.step, p.value) for p in client.get_metric_history(run.id, "a")) == [(s, 0.5 * s) for s in steps]
+    assert len(client.get_metric_history(run.id, "b")) == 1250
+    assert client.get_experiment(tracker.experiment_id).artifact_location == (root / "mlruns" / "artifacts").as_uri()
+
+
+def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker's session, run here in-process so that its client's requests can be counted.
+    session = tracking_worker.Session.open(tracking.default_uri(root), "t")
+    session.start(None, None, {})
     calls: list[int] = []
-    log_batch = tracker.client.log_batch
+    log_batch = session.client.log_batch
 
     def counting(run_id: str, metrics: list[object] = (), **kw: object) -> None:  # type: ignore[assignment]
         calls.append(len(metrics))
         log_batch(run_id, metrics=metrics, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(tracker.client, "log_batch", counting)
-    steps = list(range(1250))
-    with tracker.run() as run_id:
-        tracker.log_series(run_id, {"a": (steps, [0.5 * s for s in steps]), "b": (steps, [-1.0] * 1250)})
+    monkeypatch.setattr(session.client, "log_batch", counting)
+    session.log_series({"a": (np.arange(1250), np.zeros(1250)), "b": (np.arange(1250), np.ones(1250))}, 0)
+    session.end("FINISHED")
     assert calls == [1000, 1000, 500]
-    history = MlflowClient(tracker.uri).get_metric_history(run_id, "a")
-    assert sorted((p.step, p.value) for p in history) == [(s, 0.5 * s) for s in steps]
+    assert len(MlflowClient(session.uri).get_metric_history(session._run(), "b")) == 1250
 
 
+@pytest.mark.slow
 def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> None:
     tracker = tracking.connect("t", root)
-    with pytest.raises(RuntimeError), tracker.run() as run_id:
-        tracker.set_tags(run_id, {tracking.MODEL_TAG: "abc"})
+    with pytest.raises(RuntimeError), tracker.run() as run:
+        tracker.set_tags(run, {tracking.MODEL_TAG: "abc"})
         raise RuntimeError("boom")
-    assert tracker.client.get_run(run_id).info.status == "FAILED"
+    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
     assert tracker.find_run("abc") is None  # evaluate must not attach to a failed run
 
 
-def test_find_run_returns_the_newest_finished_run_with_the_model_hash(root: Path) -> None:
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
+    tracker = tracking.connect("t", root)
+    with pytest.raises(KeyboardInterrupt), tracker.run() as run:
+        tracker.log_params(run, {"a": 1})
+        pid = tracker.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, the worker included
+        raise KeyboardInterrupt
+    assert run.id is not None
+    finished = client_for(tracker).get_run(run.id)
+    assert finished.info.status == "KILLED" and finished.data.params == {"a": "1"}  # the worker carried on
+
+
+@pytest.mark.slow
+def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     tracker = tracking.connect("t", root)
     ids = []
     for _ in range(2):
-        with tracker.run() as run_id:
-            tracker.set_tags(run_id, {tracking.MODEL_TAG: "same"})
-        ids.append(run_id)
+        with tracker.run() as run:
+            tracker.set_tags(run, {tracking.MODEL_TAG: "same"})
+        ids.append(run.id)
+    with pytest.raises(RuntimeError), tracker.run() as failed:  # newer, but FAILED: never attached to
+        tracker.set_tags(failed, {tracking.MODEL_TAG: "same"})
+        raise RuntimeError
     assert tracker.find_run("same") == ids[-1]
     assert tracker.find_run("other") is None
-    with tracker.run(run_id=ids[0]) as again:  # reopening keeps the run and ends it FINISHED again
-        assert again == ids[0]
-    assert tracker.client.get_run(ids[0]).info.status == "FINISHED"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "pipeline"), tracker.run(attach_to_model="same") as again:
+        tracker.log_metrics(again, {"m": 2.0})
+    assert again.id == ids[-1]
+    found = client_for(tracker).get_run(ids[-1])
+    assert found.info.status == "FINISHED" and found.data.metrics["m"] == 2.0
+    assert [r.message for r in caplog.records] == [f"MLflow run {ids[-1]} in {tracker.uri}"]
+
+
+@pytest.mark.slow
+def test_attach_to_an_unknown_model_starts_a_tagged_run_with_a_warning(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracker = tracking.connect("t", root)
+    with (
+        caplog.at_level(logging.WARNING, "pipeline"),
+        tracker.run(attach_to_model="nope", tags_if_new={"origin": "evaluate"}) as run,
+    ):
+        pass
+    assert run.id is not None
+    tags = client_for(tracker).get_run(run.id).data.tags
+    assert tags[tracking.MODEL_TAG] == "nope" and tags["origin"] == "evaluate"
+    assert [r.message for r in caplog.records] == [
+        f"no MLflow run trained model nope in {tracker.uri}; starting a new run"
+    ]
+
+
+@pytest.mark.slow
+def test_calls_return_while_the_worker_cannot_even_open_the_store(root: Path) -> None:
+    lock_file = root / "mlruns" / "mlflow.db.lock"
+    lock_file.parent.mkdir()
+    (root / "a.txt").write_text("a")
+    with open(lock_file, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the worker waits for this lock before it opens the store
+        # Should the calls wait for the worker after all, this lets them go on, and the timing below fails.
+        safety = threading.Timer(10, fcntl.flock, (lock, fcntl.LOCK_UN))
+        safety.start()
+        tracker = tracking.connect("t", root)
+        start = time.monotonic()
+        with tracker.run() as run:
+            tracker.log_params(run, {f"p{i}": i for i in range(300)})
+            tracker.log_series(run, {"big": (np.arange(20_000), np.arange(20_000) * 0.5)})  # 5 times a pipe's buffer
+            tracker.log_artifact(run, root / "a.txt")
+            elapsed = time.monotonic() - start
+            assert run.id is None  # no run exists yet: nothing has reached the store
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        safety.cancel()
+    assert elapsed < 5, f"the calls took {elapsed:.1f} s: they waited for the worker"
+    assert run.id is not None
+    client = client_for(tracker)
+    assert len(client.get_run(run.id).data.params) == 300
+    assert len(client.get_metric_history(run.id, "big")) == 20_000
+    assert [a.path for a in client.list_artifacts(run.id)] == ["a.txt"]
+
+
+@pytest.mark.slow
+def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> None:
+    replaced, deleted = root / "replaced.txt", root / "gone" / "deleted.txt"
+    deleted.parent.mkdir()
+    replaced.write_text("as logged")
+    deleted.write_text("as logged too")
+    tracker = tracking.connect("t", root)
+    with tracker.run() as run:
+        tracker.log_artifact(run, replaced)
+        tracker.log_artifact(run, deleted, "sub")
+        replaced.write_text("rewritten right after")  # what an atomic write or a temporary folder does next
+        deleted.unlink()
+        deleted.parent.rmdir()
+    assert run.id is not None
+    assert artifact_file(tracker, run.id, "replaced.txt").read_text() == "as logged"
+    assert artifact_file(tracker, run.id, "sub/deleted.txt").read_text() == "as logged too"
+
+
+@pytest.mark.slow
+def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(root: Path) -> None:
+    tracker = tracking.connect("t", root)
+    with pytest.raises(TrackingError, match=r"cannot log .*none\.txt: No such file"), tracker.run() as run:
+        tracker.log_artifact(run, root / "none.txt")
+    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path) -> None:
+    table = pd.DataFrame({"x1": np.arange(7.0), "x2": np.ones(7), "y": np.linspace(0, 1, 7)}).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow's warning that a local path could be two kinds of source
+        oracle = from_pandas(table, source="data/generated/train.parquet", name="train", digest="d41d8", targets="y")
+    tracker = tracking.connect("t", root)
+    with tracker.run() as run:
+        tracker.log_dataset(
+            run,
+            source="data/generated/train.parquet",
+            name="train",
+            digest="d41d8",
+            context="training",
+            n_rows=len(table),
+            columns=list(table.columns),
+        )
+    assert run.id is not None
+    (logged,) = client_for(tracker).get_run(run.id).inputs.dataset_inputs
+    expected = oracle.to_dict()
+    assert {k: getattr(logged.dataset, k) for k in expected} == expected
+    assert [(t.key, t.value) for t in logged.tags] == [(mlflow_tags.MLFLOW_DATASET_CONTEXT, "training")]
+
+
+@pytest.mark.slow
+def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(root: Path) -> None:
+    tracker = tracking.connect("t", root)
+    with pytest.raises(TrackingError) as raised, tracker.run() as run:
+        tracker.log_params(run, {"a": 1})
+        tracker.log_params(run, {"a": 2})  # MLflow refuses to change a logged param
+    message = str(raised.value)
+    assert message.startswith(f"MLflow store {tracker.uri}: Changing param values is not allowed")
+    assert "\n" not in message
+    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_a_one_line_error_naming_the_store(root: Path) -> None:
+    tracker = tracking.connect("t", root)
+    with pytest.raises(TrackingError) as raised, tracker.run() as run:
+        tracker.log_params(run, {"a": 1})
+        pid = tracker.worker_pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    assert str(raised.value) == f"MLflow store {tracker.uri}: the tracking worker was killed by signal 9"
+
+
+def test_a_store_that_cannot_be_read_fails_the_stage_with_status_2_and_one_line(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(root)
+    (root / "mlruns").mkdir()
+    (root / "mlruns" / "mlflow.db").write_bytes(b"not an SQLite database\n" * 100)
+    params = ["--params", str(REPO / "params.yaml")]
+    assert generate.main([*params, "--train", "train.parquet", "--test", "test.parquet"]) == 0
+    outputs = ["--model", "m.safetensors", "--trajectory", "t.csv", "--metrics", "t.json"]
+    assert train.main([*params, "--data", "train.parquet", *outputs]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: train: MLflow store {tracking.default_uri(root)}: (sqlite3.DatabaseError) file is not a database"
+    ]
+
+
+def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_TRACKING", "off")
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(tracking.subprocess, "Popen", no_process)
+    tracker = tracking.connect("t", root)
+    with tracker.run(attach_to_model="m") as run:
+        tracker.log_params(run, {"a": 1})
+        tracker.log_series(run, {"s": ([1], [1.0])})
+        tracker.log_artifact(run, root / "none.txt")
+    assert tracker.find_run("m") is None and not (root / "mlruns").exists()

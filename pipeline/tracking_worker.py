@@ -1,0 +1,253 @@
+"""The tracking worker: the one process that imports MLflow, started by `pipeline.tracking.connect()` as
+
+    python -P -m pipeline.tracking_worker URI EXPERIMENT REPLY_FD STAGING_DIR
+
+It opens the store, then executes the stage's commands (pickled frames on stdin) in order against one run, and
+answers (length-prefixed pickles) on REPLY_FD alone. It exits after the run ends; if stdin ends first, the stage
+has died without ending its run, and the run is marked FAILED rather than left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import queue
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import numpy as np
+
+from pipeline import tracking
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+METRICS_PER_REQUEST = 1000  # MLflow's REST limit for one log_batch
+PARAMS_PER_REQUEST = 100
+LOGGED = ("log_params", "set_tags", "log_series", "log_dataset", "log_artifact")  # commands without a reply
+
+
+class Session:
+    """One store, one experiment and at most one run: what the commands act on."""
+
+    def __init__(self, client: MlflowClient, experiment_id: str, uri: str) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.uri = uri
+        self.run_id: str | None = None
+        self.ended = False
+
+    @classmethod
+    def open(cls, uri: str, experiment: str) -> Session:
+        """Open the store (creating it and the experiment on first use)."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        with tracking._store_lock(uri):
+            # Inside the lock: the client opens the store, which is when MLflow migrates a new database.
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                return cls(client, found.experiment_id, uri)
+            # With a SQLite store MLflow would put artifacts in ./mlruns of the current folder, which for a
+            # queued DVC experiment is a temporary copy; anchor them beside the database instead.
+            db = tracking.sqlite_path(uri)
+            location = (db.parent / "artifacts").as_uri() if db else None
+            try:
+                experiment_id = client.create_experiment(experiment, artifact_location=location)
+            except MlflowException:  # created meanwhile by another process sharing a server
+                found = client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
+        return cls(client, experiment_id, uri)
+
+    def find(self, model_md5: str) -> str | None:
+        """Id of the newest finished run that trained the model with this hash, if any."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.{tracking.MODEL_TAG} = '{model_md5}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].info.run_id if runs else None
+
+    def start(self, run_name: str | None, attach_to_model: str | None, tags_if_new: dict[str, str]) -> str | None:
+        """Create the run, or reopen the one that trained `attach_to_model`; returns a warning, if any."""
+        if attach_to_model is not None:
+            found = self.find(attach_to_model)
+            if found is not None:
+                self.client.update_run(found, status="RUNNING")
+                self.run_id = found
+                return None
+        self.run_id = self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
+        if attach_to_model is None:
+            return None
+        # A store that never saw this model (another URI, a deleted run) gets a run of its own.
+        self.set_tags(tags_if_new | {tracking.MODEL_TAG: attach_to_model})
+        return f"no MLflow run trained model {attach_to_model} in {self.uri}; starting a new run"
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self._run(), status)
+        self.ended = True
+
+    def abandon(self) -> None:
+        """Mark an open run FAILED: its stage failed or died."""
+        if self.run_id is None or self.ended:
+            return
+        try:
+            self.end("FAILED")
+        except Exception as e:  # the failure that brought us here is the one to report
+            print(f"tracking worker: could not mark MLflow run {self.run_id} FAILED: {e}", file=sys.stderr)
+
+    def _run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("no run has been started")
+        return self.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), PARAMS_PER_REQUEST):
+            self.client.log_batch(self._run(), params=items[i : i + PARAMS_PER_REQUEST])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(items), PARAMS_PER_REQUEST):
+            self.client.log_batch(self._run(), tags=items[i : i + PARAMS_PER_REQUEST])
+
+    def log_series(self, series: dict[str, tuple[Any, Any]], timestamp: int) -> None:
+        """{name: (steps, values)} in batches: one request per 1000 points, not one per point."""
+        from mlflow.entities import Metric
+
+        points = [
+            Metric(name, float(v), timestamp, int(s))
+            for name, (steps, values) in series.items()
+            for s, v in zip(np.asarray(steps).tolist(), np.asarray(values).tolist(), strict=True)
+        ]
+        for i in range(0, len(points), METRICS_PER_REQUEST):
+            self.client.log_batch(self._run(), metrics=points[i : i + METRICS_PER_REQUEST])
+
+    def log_dataset(
+        self, source: str, name: str, digest: str, context: str, n_rows: int, columns: Sequence[str]
+    ) -> None:
+        """The entry mlflow.data.from_pandas(...).to_dict() makes for a table of float32 columns (the tables'
+        type, pipeline/data.py), built from its description alone (tests/test_tracking.py compares the two)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types import ColSpec, DataType, Schema
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(
+            name=name,
+            digest=digest,
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            schema=json.dumps({"mlflow_colspec": Schema([ColSpec(DataType.float, c) for c in columns]).to_dict()}),
+            profile=json.dumps({"num_rows": n_rows, "num_elements": n_rows * len(columns)}),
+        )
+        self.client.log_inputs(self._run(), [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+    def log_artifact(self, path: str, artifact_path: str | None) -> None:
+        """Log the stage's snapshot of a file, then drop the snapshot."""
+        self.client.log_artifact(self._run(), path, artifact_path)
+        os.unlink(path)
+
+
+class Replies:
+    """The reply pipe: nothing but these frames is ever written to it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, *reply: Any) -> None:
+        data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        view = memoryview(tracking.REPLY_HEADER.pack(len(data)) + data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except BrokenPipeError:  # the stage has gone: there is nobody left to tell
+            pass
+
+
+def read_commands(stream: BinaryIO, commands: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
+    """Move commands from stdin into memory as they come, then None for the end of stdin.
+
+    A thread of its own, so that the stage never waits on a full pipe while MLflow imports or the store is
+    busy. A frame cut short (the stage was killed while writing it) counts as the end.
+    """
+    try:
+        while True:
+            commands.put(pickle.load(stream))
+    except Exception:  # EOFError, or a truncated frame
+        pass
+    finally:
+        commands.put(None)
+
+
+def serve(session: Session, commands: queue.SimpleQueue[tuple[Any, ...] | None], replies: Replies) -> bool:
+    """Execute commands in order until "end" (True) or the end of stdin (False)."""
+    while (command := commands.get()) is not None:
+        name, *args = command
+        if name == "end":
+            session.end(*args)
+            return True
+        if name == "start":
+            warning = session.start(*args)
+            if warning:
+                replies.send("warning", warning)
+            replies.send("run", session.run_id)
+        elif name == "find":
+            replies.send("found", session.find(*args))
+        elif name in LOGGED:
+            getattr(session, name)(*args)
+        else:
+            raise ValueError(f"unknown tracking command {name!r}")
+    return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Ctrl-C reaches the whole process group; the stage decides how its run ends (KILLED) and tells us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A SIGTERM to the group ends the stage; staying alive until stdin ends lets us log what it sent and mark
+    # the run FAILED.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, tracking.STOP_SIGNALS)  # blocked by the stage until now
+    uri, experiment, reply_fd, staging = argv or sys.argv[1:]
+    fd = int(reply_fd)
+    os.set_inheritable(fd, False)
+    os.dup2(2, 1)  # whatever MLflow prints goes to the stage's stderr, never near the replies
+    replies = Replies(fd)
+    commands: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    threading.Thread(target=read_commands, args=(sys.stdin.buffer, commands), daemon=True).start()
+    session = None
+    try:
+        session = Session.open(uri, experiment)
+        replies.send("ready", session.experiment_id)
+        if not serve(session, commands, replies) and session.run_id is not None:
+            print(f"tracking worker: the stage ended without ending MLflow run {session.run_id}", file=sys.stderr)
+            session.abandon()
+        return 0
+    except Exception as e:
+        replies.send("error", tracking.first_line(e))
+        if session is not None:
+            session.abandon()
+        return 1
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    status = main()
+    # Every write is committed by now. A normal exit would spend about a second finalising MLflow's thousands
+    # of modules while the stage waits for this process to end.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
