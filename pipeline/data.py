@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import GenerateParams
 from pipeline.errors import DataError
 from pipeline.io import write_atomic
+
+if TYPE_CHECKING:
+    import pandas as pd  # only write_csv's argument: evaluate imports this module without pandas
 
 DTYPE = np.float32  # what the tables store: the training precision by default, half the bytes of float64
 CHUNK_ROWS = 1 << 20  # rows drawn, written and checked at a time: memory stays flat whatever N is

@@ -8,18 +8,22 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import safetensors.numpy
 
-from pipeline import cli, config, data, plots, theory, tracking
+from pipeline import cli, config, data, theory, tracking
 from pipeline.config import GenerateParams
 from pipeline.data import trajectory_columns, weight_names
 from pipeline.errors import DataError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 from pipeline.theory import LineFit
+
+# pandas and matplotlib (~0.5 s) are imported where they are used, after the tracking worker has started: it
+# imports MLflow on the other core meanwhile.
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def load_line(path: str | Path) -> LineFit:
@@ -49,6 +53,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
 
 
 def read_trajectory(path: str | Path, n_features: int) -> pd.DataFrame:
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such trajectory file (run `dvc repro` to create it)")
@@ -73,8 +79,12 @@ class Scan:
     sample: data.Table
 
 
-def scan(path: str | Path, max_rows: int = plots.MAX_POINTS) -> Scan:
-    """Read a table one row group at a time: memory stays flat whatever its size."""
+def scan(path: str | Path, max_rows: int | None = None) -> Scan:
+    """Read a table one row group at a time: memory stays flat whatever its size. The sample has at most
+    max_rows rows (default: as many as a scatter plot draws)."""
+    from pipeline import plots
+
+    max_rows = max_rows or plots.MAX_POINTS
     step = max(1, -(-data.count_rows(path) // max_rows))
     total: theory.Moments | None = None
     picked: list[data.Table] = []
@@ -149,6 +159,8 @@ def figures(
     true: LineFit,
 ) -> dict[str, bytes]:
     """The evaluation's PNGs, by file name."""
+    from pipeline import plots
+
     names = weight_names(train.moments.k)
     epochs = trajectory["epoch"].to_numpy()
     # The optimiser's path through (first weight, bias), starting from the random initialisation.
@@ -171,6 +183,15 @@ def figures(
 
 def evaluate(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
+    # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
+    tracker = tracking.connect(cfg.tracking.experiment)
+    try:
+        evaluate_and_write(args, cfg, tracker)
+    finally:
+        tracker.close()  # a worker the stage never gave a run to (it failed its checks) is stopped
+
+
+def evaluate_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:
     train = scan(args.train_data)
     test = scan(args.test_data)
     learned = load_line(args.model)
@@ -179,7 +200,7 @@ def evaluate(args: argparse.Namespace) -> None:
         raise DataError(f"{args.model}: has {k} weight(s), the tables have {train.moments.k} feature column(s)")
     trajectory = read_trajectory(args.trajectory, k)
     train_metrics = read_json(args.train_metrics)
-    tracker = tracking.connect(cfg.tracking.experiment)
+    tracker.open()  # the inputs are fine: the worker may open the store while the closed form and plots run
 
     closed = reference_fit(args.train_data, train.moments)
     metrics = compute_metrics(cfg.generate, learned, closed, train.moments, test.moments)

@@ -138,6 +138,7 @@ class _Worker:
         self.buffer = bytearray()
         self.eof = False
         self.artifacts = 0
+        self.sent = 0  # commands so far: until the first, the worker has not touched the store
 
     def send(self, command: tuple[Any, ...]) -> None:
         """Queue one command; the worker reads its stdin in a thread of its own, so this does not wait for
@@ -146,6 +147,7 @@ class _Worker:
         assert stdin is not None
         stdin.write(pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL))
         stdin.flush()
+        self.sent += 1
 
     def close_input(self) -> None:
         stdin = self.proc.stdin
@@ -284,9 +286,23 @@ class Tracker:
         return self._failed
 
     def close(self) -> None:
-        """Let an idle worker go (one with no run open: run() ends its own) and wait for it to exit."""
-        if self._worker is not None and self._run is None:
-            self._stop(self._worker)
+        """Let an idle worker go (one with no run open: run() ends its own) and wait for it to exit.
+
+        A worker that was never asked for anything has not opened the store; it is only importing MLflow, so it
+        is stopped at once rather than waited for (a stage that fails its own checks should fail fast).
+        """
+        worker = self._worker
+        if worker is None or self._run is not None:
+            return
+        if worker.sent == 0:
+            worker.proc.kill()
+        self._stop(worker)
+
+    def open(self) -> None:
+        """Let the worker open the store now, without waiting for it (it does at its first command anyway)."""
+        self.start()
+        if self._live_worker().sent == 0:
+            self._send("open")
 
     # Queries: they wait for the worker, so the stages do not use them.
 
@@ -294,6 +310,7 @@ class Tracker:
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             self.start()
+            self._send("open")  # the worker opens the store at its first command
             self._wait_for(lambda: self._experiment_id is not None)
         assert self._experiment_id is not None
         return self._experiment_id
@@ -387,7 +404,7 @@ class Tracker:
         """Record a table as a run input whose digest is the file's hash (the md5 in dvc.lock).
 
         Only its description travels: the table may be far too large to send, or not in memory at all. The
-        entry is the one MLflow makes for a DataFrame of float64 columns (mlflow.data.from_pandas). `targets`
+        entry is the one MLflow makes for a DataFrame of float32 columns (mlflow.data.from_pandas). `targets`
         is only checked against the columns: MLflow's entry for a DataFrame does not record it either.
         """
         if targets not in columns:
@@ -415,6 +432,9 @@ class OfflineTracker(Tracker):
         self._experiment_id = ""
 
     def start(self) -> None:
+        pass
+
+    def open(self) -> None:
         pass
 
     def find_run(self, model_md5: str) -> str | None:

@@ -9,20 +9,27 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import safetensors.torch
-import torch
 
-from pipeline import cli, config, data, loop, theory, tracking
+from pipeline import cli, config, tracking
 from pipeline.errors import ConfigError, DataError, DivergenceError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
+
+# torch and the modules that import it (or pandas and pyarrow) are imported inside train(), after the tracking
+# worker has started: it imports MLflow (~2 s) on the other core while this process imports torch (~1 s).
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline import data, loop, theory
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
     """The model's state_dict in safetensors format: plain tensors, no pickle; identical bytes for identical
     weights. Load it with safetensors (`load_file`) and `model.load_state_dict(...)`."""
+    import safetensors.torch
+
     return safetensors.torch.save(model.state_dict())
 
 
@@ -30,6 +37,8 @@ def analyse(
     table: data.Table, moments: theory.Moments, traj: loop.Trajectory, stab: theory.Stability, p: config.TrainParams
 ) -> dict[str, Any]:
     """Theory against what happened: convergence predicted vs observed, autograd vs analytic gradient."""
+    from pipeline import data, loop, theory
+
     optimum = theory.least_squares(moments)
     start = theory.LineFit(traj.init_weight.astype(np.float64), traj.init_bias)
     end = theory.LineFit(traj.weights()[-1].astype(np.float64), float(traj.column("bias")[-1]))
@@ -71,6 +80,19 @@ def analyse(
 
 def train(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
+    # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
+    tracker = tracking.connect(cfg.tracking.experiment)
+    try:
+        fit_and_write(args, cfg, tracker)
+    finally:
+        tracker.close()  # a worker the stage never gave a run to (it failed its checks) is stopped
+
+
+def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:
+    import torch
+
+    from pipeline import data, loop, theory
+
     p = cfg.train
     # Set before any tensor work: float32 reductions at large N depend on the thread count.
     torch.set_num_threads(p.threads)
@@ -87,19 +109,20 @@ def train(args: argparse.Namespace) -> None:
             f"this data (2(1 + momentum)/λ_max of the MSE Hessian); lower it, or set train.allow_divergence: true"
         )
     data_md5 = md5_file(args.data)
-    # Connect before training, so a store that cannot be reached fails the stage before any work.
-    tracker = tracking.connect(cfg.tracking.experiment)
-    dtype = getattr(torch, p.dtype)
-    X, y = loop.as_arrays(table.X, table.y, dtype)
-    model = loop.make_model(p.init_seed, k, dtype)
-    rows_per_step = min(len(X), p.batch_size or len(X))
-    compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs)
-    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step)
     names = data.weight_names(k)
 
+    # The run starts once the inputs have passed their checks: the worker opens the store and creates the run
+    # while this process builds the learner (torch.optim's first use imports torch._dynamo, ~1 s) and trains.
     with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5})
-        w0, b0 = learner.params()
+        dtype = getattr(torch, p.dtype)
+        X, y = loop.as_arrays(table.X, table.y, dtype)
+        model = loop.make_model(p.init_seed, k, dtype)
+        rows_per_step = min(len(X), p.batch_size or len(X))
+        compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs)
+        # Every method starts from this model's parameters. Logged before the learner exists, so the worker
+        # records them while make_learner imports torch._dynamo.
+        w0, b0 = model.weight.detach().numpy(), model.bias.detach().numpy()
         init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
         tracker.log_params(run, cfg.flat() | init | {"data.n_train": len(table), "compiled": compile_step})
         tracker.log_dataset(
@@ -111,6 +134,7 @@ def train(args: argparse.Namespace) -> None:
             n_rows=len(table),
             columns=list(table.columns),
         )
+        learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step)
 
         traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty())
         frame = traj.frame()

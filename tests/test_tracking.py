@@ -11,6 +11,8 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -26,7 +28,7 @@ from mlflow.utils import mlflow_tags
 
 from pipeline import generate, tracking, tracking_worker, train
 from pipeline.errors import TrackingError
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, pipeline_env, wait_for_port
 
 
 @pytest.fixture
@@ -97,7 +99,7 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
     monkeypatch.setattr(session.client, "log_batch", counting)
     session.log_series({"a": (np.arange(1250), np.zeros(1250)), "b": (np.arange(1250), np.ones(1250))}, 0)
     session.end("FINISHED")
-    assert calls == [1000, 1000, 500]
+    assert calls == [1000, 250, 1000, 250]  # each request holds one series
     assert len(MlflowClient(session.uri).get_metric_history(session._run(), "b")) == 1250
 
 
@@ -297,3 +299,36 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
         tracker.log_series(run, {"s": ([1], [1.0])})
         tracker.log_artifact(run, root / "none.txt")
     assert tracker.find_run("m") is None and not (root / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            *(str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
+            *("--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "a")),
+        ],
+        env=pipeline_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert wait_for_port(port, 120), "the mlflow server did not start"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        tracker = tracking.connect("t", root)
+        steps = np.arange(2345)
+        series = {name: (steps, np.sin(steps * (i + 1))) for i, name in enumerate(("a", "b", "c"))}
+        with tracker.run() as run:
+            tracker.log_series(run, series)  # 9 requests, up to 4 at a time
+        client = MlflowClient(tracker.uri)
+        for name, (s, v) in series.items():
+            got = sorted((p.step, p.value) for p in client.get_metric_history(run.id or "", name))
+            assert got == list(zip(s.tolist(), v.tolist(), strict=True))
+            assert client.get_run(run.id or "").data.metrics[name] == v[-1]  # the latest value is the last step's
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
