@@ -17,8 +17,9 @@ import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
@@ -43,6 +44,26 @@ class Session:
         self.uri = uri
         self.run_id: str | None = None
         self.ended = False
+        # A tracking server takes requests side by side (`mlflow server` runs 4 workers); an embedded store
+        # gains nothing from threads (its cost is Python in this very process) and gets its calls in turn.
+        remote = uri.startswith(("http://", "https://"))
+        self.pool = ThreadPoolExecutor(REQUESTS_IN_FLIGHT) if remote else None
+        self.pending: list[Future[object]] = []
+
+    def _request(self, call: Callable[..., object], *args: Any) -> None:
+        """One logging call: now for an embedded store; for a server, in the background, REQUESTS_IN_FLIGHT at a
+        time. Logging calls touch different rows (params, tags, inputs, files, one series each), so their order
+        does not matter; drain() waits for them all before whatever does (starting, finding or ending a run)."""
+        if self.pool is None:
+            call(*args)
+        else:
+            self.pending.append(self.pool.submit(call, *args))
+
+    def drain(self) -> None:
+        """Wait for the logging calls in flight; the first that failed raises here."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
 
     @classmethod
     def open(cls, uri: str, experiment: str) -> Session:
@@ -71,6 +92,7 @@ class Session:
 
     def find(self, model_md5: str) -> str | None:
         """Id of the newest finished run that trained the model with this hash, if any."""
+        self.drain()
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.{tracking.MODEL_TAG} = '{model_md5}' and attributes.status = 'FINISHED'",
@@ -81,6 +103,7 @@ class Session:
 
     def start(self, run_name: str | None, attach_to_model: str | None, tags_if_new: dict[str, str]) -> str | None:
         """Create the run, or reopen the one that trained `attach_to_model`; returns a warning, if any."""
+        self.drain()
         if attach_to_model is not None:
             found = self.find(attach_to_model)
             if found is not None:
@@ -95,6 +118,7 @@ class Session:
         return f"no MLflow run trained model {attach_to_model} in {self.uri}; starting a new run"
 
     def end(self, status: str) -> None:
+        self.drain()
         self.client.set_terminated(self._run(), status)
         self.ended = True
 
@@ -117,36 +141,33 @@ class Session:
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), PARAMS_PER_REQUEST):
-            self.client.log_batch(self._run(), params=items[i : i + PARAMS_PER_REQUEST])
+            self._request(partial(self.client.log_batch, self._run(), params=items[i : i + PARAMS_PER_REQUEST]))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, v) for k, v in tags.items()]
         for i in range(0, len(items), PARAMS_PER_REQUEST):
-            self.client.log_batch(self._run(), tags=items[i : i + PARAMS_PER_REQUEST])
+            self._request(partial(self.client.log_batch, self._run(), tags=items[i : i + PARAMS_PER_REQUEST]))
 
     def log_series(self, series: dict[str, tuple[Any, Any]], timestamp: int) -> None:
-        """{name: (steps, values)} in batches: one request per 1000 points of one series, not one per point.
+        """{name: (steps, values)} in batches: one request per 1000 points, not one per point.
 
-        A tracking server takes requests side by side (`mlflow server` runs 4 workers), so over HTTP the batches
-        go out REQUESTS_IN_FLIGHT at a time; each holds a single series, so no two touch the same latest value.
-        An embedded store gains nothing from threads (its cost is Python in this process) and gets them in turn.
+        Each series is one call of _request: its batches go in order, so no two requests in flight update the same
+        latest value.
         """
         from mlflow.entities import Metric
 
         run_id = self._run()
-        batches = []
         for name, (steps, values) in series.items():
             points = [
                 Metric(name, float(v), timestamp, int(s))
                 for s, v in zip(np.asarray(steps).tolist(), np.asarray(values).tolist(), strict=True)
             ]
-            batches += [points[i : i + METRICS_PER_REQUEST] for i in range(0, len(points), METRICS_PER_REQUEST)]
-        if len(batches) > 1 and self.uri.startswith(("http://", "https://")):
-            with ThreadPoolExecutor(REQUESTS_IN_FLIGHT) as pool:
-                list(pool.map(lambda batch: self.client.log_batch(run_id, metrics=batch), batches))  # raises
-            return
+            batches = [points[i : i + METRICS_PER_REQUEST] for i in range(0, len(points), METRICS_PER_REQUEST)]
+            self._request(self._log_batches, run_id, batches)
+
+    def _log_batches(self, run_id: str, batches: list[list[Any]]) -> None:
         for batch in batches:
             self.client.log_batch(run_id, metrics=batch)
 
@@ -167,11 +188,15 @@ class Session:
             schema=json.dumps({"mlflow_colspec": Schema([ColSpec(DataType.float, c) for c in columns]).to_dict()}),
             profile=json.dumps({"num_rows": n_rows, "num_elements": n_rows * len(columns)}),
         )
-        self.client.log_inputs(self._run(), [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        inputs = [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+        self._request(self.client.log_inputs, self._run(), inputs)
 
     def log_artifact(self, path: str, artifact_path: str | None) -> None:
         """Log the stage's snapshot of a file, then drop the snapshot."""
-        self.client.log_artifact(self._run(), path, artifact_path)
+        self._request(self._log_artifact, self._run(), path, artifact_path)
+
+    def _log_artifact(self, run_id: str, path: str, artifact_path: str | None) -> None:
+        self.client.log_artifact(run_id, path, artifact_path)
         os.unlink(path)
 
 

@@ -323,12 +323,19 @@ def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
         steps = np.arange(2345)
         series = {name: (steps, np.sin(steps * (i + 1))) for i, name in enumerate(("a", "b", "c"))}
         with tracker.run() as run:
-            tracker.log_series(run, series)  # 9 requests, up to 4 at a time
+            tracker.log_series(run, series)  # the three series side by side, each in 3 requests
         client = MlflowClient(tracker.uri)
         for name, (s, v) in series.items():
             got = sorted((p.step, p.value) for p in client.get_metric_history(run.id or "", name))
             assert got == list(zip(s.tolist(), v.tolist(), strict=True))
             assert client.get_run(run.id or "").data.metrics[name] == v[-1]  # the latest value is the last step's
+        # A request that fails in the background still fails the run's end, in one line.
+        with pytest.raises(TrackingError) as raised, tracker.run() as run:
+            tracker.log_params(run, {"p": 1})
+            tracker.log_series(run, series)
+            tracker.log_params(run, {"p": 2})  # MLflow refuses to change a logged param
+        assert str(raised.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(raised.value)
+        assert client.get_run(run.id or "").info.status == "FAILED"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
