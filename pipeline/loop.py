@@ -10,6 +10,7 @@ With the same start, data and learning rate they produce the same trajectory (te
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -305,6 +306,11 @@ def set_deterministic() -> None:
     torch._C._set_deterministic_algorithms(True)
 
 
+# How often fit() hands the growing trajectory to on_epochs: often enough for a live curve in the MLflow UI
+# and for the worker to log during training, rarely enough to cost nothing next to an epoch.
+STREAM_EPOCHS, STREAM_SECONDS = 100, 1.0
+
+
 def fit(
     learner: Learner,
     n: int,
@@ -312,16 +318,30 @@ def fit(
     batch_size: int | None = None,
     shuffle_seed: int = 0,
     progress: bool = False,
+    on_epochs: Callable[[int, np.ndarray], object] | None = None,
 ) -> Trajectory:
     """Run `epochs` epochs and record the trajectory; stop early at the first non-finite loss.
 
     progress: show a progress bar on stderr (the caller decides: only on a terminal).
+    on_epochs(first_epoch, rows): the trajectory as it grows, the rows of Trajectory.values from first_epoch on,
+    handed over every STREAM_EPOCHS epochs or STREAM_SECONDS, and at the end: so that they can be logged
+    while training goes on.
     """
     w0, b0 = learner.params()
     k = w0.size
+    dtype = w0.dtype
     rng = np.random.default_rng(shuffle_seed)
-    rows, batch_losses = [], []
+    rows: list[list[float]] = []
+    batch_losses = []
     diverged_at = None
+    sent, last_sent = 0, time.monotonic()
+
+    def hand_over() -> None:
+        nonlocal sent, last_sent
+        if on_epochs is not None and len(rows) > sent:
+            on_epochs(sent + 1, np.asarray(rows[sent:], dtype=np.float64).astype(dtype))  # as in values below
+            sent, last_sent = len(rows), time.monotonic()
+
     for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress, leave=False):
         loss_sum, gw_sum, gb_sum = 0.0, np.zeros(k), 0.0
         for part in batches(n, batch_size, rng):
@@ -336,7 +356,9 @@ def fit(
         if not math.isfinite(loss_sum):
             diverged_at = epoch
             break
-    dtype = w0.dtype
+        if len(rows) - sent >= STREAM_EPOCHS or time.monotonic() - last_sent >= STREAM_SECONDS:
+            hand_over()
+    hand_over()
     values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, 2 * k + 3), dtype)
     return Trajectory(w0.reshape(-1), float(b0.reshape(-1)[0]), values, np.asarray(batch_losses), diverged_at)
 

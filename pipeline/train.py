@@ -136,7 +136,20 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
         )
         learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step)
 
-        traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty())
+        columns = data.trajectory_columns(k)[1:]
+        # Step 0 of weight and bias is the random initialisation, so their curves start where training did.
+        tracker.log_series(
+            run, {n: ([0], [v]) for n, v in zip([*names, "bias"], [*w0.reshape(-1), b0[0]], strict=True)}
+        )
+
+        def log_epochs(first: int, rows: np.ndarray) -> None:
+            """Each series as training produces it: the worker logs while the next epochs run."""
+            steps = np.arange(first, first + len(rows))
+            tracker.log_series(run, {c: (steps, rows[:, j]) for j, c in enumerate(columns)})
+
+        traj = loop.fit(
+            learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty(), on_epochs=log_epochs
+        )
         frame = traj.frame()
         shown = sorted({*range(0, len(frame), max(1, p.epochs // 10)), len(frame) - 1})  # ~10 lines and the last
         for row in frame.iloc[shown].itertuples(index=False):
@@ -147,17 +160,8 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
                 "  ".join(f"{n} {getattr(row, n):.6f}" for n in [*names, "bias"]),
             )
 
-        steps = traj.epochs
-        series: dict[str, tuple[Any, Any]] = {
-            c: (steps, traj.column(c)) for c in data.trajectory_columns(k)[1:] if c not in (*names, "bias")
-        }
-        # Step 0 of weight and bias is the random initialisation, so their curves start where training did.
-        for i, n in enumerate(names):
-            series[n] = ([0, *steps], [traj.init_weight[i], *traj.column(n)])
-        series["bias"] = ([0, *steps], [traj.init_bias, *traj.column("bias")])
         if p.batch_size is not None:
-            series["batch_loss"] = (np.arange(1, len(traj.batch_loss) + 1), traj.batch_loss)
-        tracker.log_series(run, series)
+            tracker.log_series(run, {"batch_loss": (np.arange(1, len(traj.batch_loss) + 1), traj.batch_loss)})
         if traj.diverged_at is not None:
             # The run keeps the trajectory up to the failure; the stage's outputs are not written at all.
             with tempfile.TemporaryDirectory() as tmp:

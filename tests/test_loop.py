@@ -190,3 +190,14 @@ def test_one_feature_is_stored_column_major_without_a_copy() -> None:
     assert torch.equal(C, X) and C.stride() == (1, 5) and C.data_ptr() == X.data_ptr()
     wide = torch.zeros(5, 3)
     assert loop.column_major(wide) is wide  # several features: left as they are
+
+
+def test_the_trajectory_streams_out_in_order_and_whole(cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    X, y = loop.as_arrays(*train_arrays(cfg))
+    monkeypatch.setattr(loop, "STREAM_EPOCHS", 7)
+    learner = loop.make_learner("nn", loop.make_model(0), X, y, "sgd", 0.1, 0.0)
+    handed: list[tuple[int, np.ndarray]] = []
+    t = loop.fit(learner, len(X), 30, on_epochs=lambda first, rows: handed.append((first, rows)))
+    assert [first for first, _ in handed] == [1, 8, 15, 22, 29]  # every 7 epochs, then the rest
+    streamed = np.concatenate([rows for _, rows in handed])
+    assert streamed.dtype == t.values.dtype and np.array_equal(streamed, t.values)  # the same values, bit for bit
