@@ -148,29 +148,36 @@ def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
 def measured(cwd: Path, cmd: list[str], **extra: str) -> tuple[float, float]:
     """(wall seconds, peak RSS in bytes) of a command and every process it starts, summed.
 
-    RSS is sampled every 20 ms over the whole process tree (a stage's MLflow worker included); the largest
-    single process's kernel-reported peak (ru_maxrss) is a floor for it, so a spike between samples counts.
+    RSS is sampled every 20 ms over the whole process tree (a stage's MLflow worker included). Each process's
+    own high-water mark (VmHWM) is read too, so a spike between samples still counts. (Not ru_maxrss: Linux
+    carries the RSS a child had when forked from this process over its exec, and this process is large.)
     """
     import psutil
+
+    def high_water(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)  # 0: a zombie
 
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a pipe nobody reads can fill and block
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=pipeline_env(**extra), stdout=subprocess.DEVNULL, stderr=err)
         parent = psutil.Process(proc.pid)
-        peak = 0
+        peak, hwm = 0, 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            with contextlib.suppress(psutil.Error, OSError):  # a process ended while being read
+                tree = [parent, *parent.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+                hwm = max(hwm, *(high_water(p.pid) for p in tree))
+            pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            with contextlib.suppress(psutil.Error):  # a process ended while being sampled
-                peak = max(peak, sum(p.memory_info().rss for p in [parent, *parent.children(recursive=True)]))
             time.sleep(0.02)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:
             err.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed: {err.read().decode()[-2000:]}")
-    return wall, max(peak, usage.ru_maxrss * 1024)
+    return wall, max(peak, hwm)
 
 
 def stage_commands(folder: Path) -> dict[str, list[str]]:
