@@ -2,9 +2,10 @@
 
     python -P -m pipeline.tracking_worker URI EXPERIMENT REPLY_FD STAGING_DIR
 
-It opens the store, then executes the stage's commands (pickled frames on stdin) in order against one run, and
-answers (length-prefixed pickles) on REPLY_FD alone. It exits after the run ends; if stdin ends first, the stage
-has died without ending its run, and the run is marked FAILED rather than left RUNNING.
+It imports MLflow and its store's modules at once, opens the store at the stage's first command (a stage that
+stops before sending any leaves no store behind), then executes the commands (pickled frames on stdin) in order
+against one run, and answers (length-prefixed pickles) on REPLY_FD alone. It exits after the run ends; if stdin
+ends first, the stage has died without ending its run, and the run is marked FAILED rather than left RUNNING.
 """
 
 from __future__ import annotations
