@@ -261,7 +261,10 @@ def batches(n: int, batch_size: int | None, rng: np.random.Generator) -> Iterato
     if batch_size is None or batch_size >= n:
         yield slice(None)
         return
-    order = rng.permutation(n)
+    # rng.permutation(n), shuffled in place in int32 when that fits: the same order, in half the memory (at
+    # 8e7 training rows 0.32 GB instead of 0.64 GB, as much as the float32 table itself).
+    order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    rng.shuffle(order)
     for start in range(0, n, batch_size):
         yield np.sort(order[start : start + batch_size])  # sorted: same rows, cache-friendly gather
 

@@ -201,3 +201,11 @@ def test_the_trajectory_streams_out_in_order_and_whole(cfg: config.Config, monke
     assert [first for first, _ in handed] == [1, 8, 15, 22, 29]  # every 7 epochs, then the rest
     streamed = np.concatenate([rows for _, rows in handed])
     assert streamed.dtype == t.values.dtype and np.array_equal(streamed, t.values)  # the same values, bit for bit
+
+
+def test_batches_follow_numpys_permutation_in_half_the_memory() -> None:
+    parts = list(loop.batches(1003, 100, np.random.default_rng(9)))
+    order = np.random.default_rng(9).permutation(1003)  # the oracle: the shuffle numpy itself makes
+    assert [len(p) for p in parts] == [100] * 10 + [3]
+    for i, part in enumerate(parts):
+        assert part.dtype == np.int32 and np.array_equal(part, np.sort(order[i * 100 : (i + 1) * 100]))
