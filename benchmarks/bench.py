@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import copy_repo, free_port, pipeline_env, wait_for_port  # noqa: E402  (needs the path)
+from tests.conftest import copy_repo, mlflow_server, pipeline_env  # noqa: E402  (needs the path)
 
 
 def run(cwd: Path, *cmd: str, **extra: str) -> float:
@@ -91,31 +91,13 @@ def p2(repo: Path, n: int, tmp: Path) -> dict[str, tuple[float, float]]:
     load then moves all three, not one of them."""
     set_param(repo, "train.epochs", "1000")
     out = tmp / "p2"
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            *(str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
-            *("--backend-store-uri", f"sqlite:///{tmp}/server.db"),
-            *("--default-artifact-root", f"{tmp}/server-artifacts"),
-        ],
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        uri = f"http://127.0.0.1:{port}"
-        if not wait_for_port(port, 120):
-            raise RuntimeError("the mlflow server did not start")
+    with mlflow_server(tmp) as uri:
         run(repo, *train_cmd(out), MLFLOW_TRACKING_URI=uri)  # creates the experiment
         settings = {"off": {"PIPELINE_TRACKING": "off"}, "sqlite": {}, "server": {"MLFLOW_TRACKING_URI": uri}}
         times: dict[str, list[float]] = {name: [] for name in settings}
         for _ in range(n):
             for name, extra in settings.items():
                 times[name].append(run(repo, *train_cmd(out), **extra))
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait()
     set_param(repo, "train.epochs", "100")
     off = statistics.median(times["off"])
     return {store: (statistics.median(times[store]), off) for store in ("sqlite", "server")}

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import GenerateParams
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 from pipeline.io import write_atomic
 
 if TYPE_CHECKING:
@@ -165,8 +165,7 @@ def _open(path: str | Path) -> tuple[Path, pq.ParquetFile, list[str]]:
     try:
         f = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: not a readable Parquet table: {first}") from None
+        raise DataError(f"{path}: not a readable Parquet table: {first_line(e)}") from None
     names = f.schema_arrow.names
     expected = [*feature_columns(max(1, len(names) - 1)), "y"]
     if names != expected:
@@ -181,14 +180,16 @@ def _open(path: str | Path) -> tuple[Path, pq.ParquetFile, list[str]]:
 
 def iter_table(path: str | Path) -> Iterator[Table]:
     """The table's rows in order, one row group at a time, checked: no missing or non-finite values."""
-    path, f, names = _open(path)
+    return _row_groups(*_open(path))
+
+
+def _row_groups(path: Path, f: pq.ParquetFile, names: list[str]) -> Iterator[Table]:
     start = 0
     for g in range(f.num_row_groups):
         try:
             group = f.read_row_group(g)
         except (pa.ArrowException, OSError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise DataError(f"{path}: not a readable Parquet table: {first}") from None
+            raise DataError(f"{path}: not a readable Parquet table: {first_line(e)}") from None
         columns = []
         for name, col in zip(names, group.columns, strict=True):
             if col.null_count:
@@ -207,11 +208,11 @@ def iter_table(path: str | Path) -> Iterator[Table]:
 def read_table(path: str | Path) -> Table:
     """The whole table in memory: one float32 array per role, filled row group by row group, so the peak is
     the table itself plus one row group (no second copy of a large table)."""
-    _, f, names = _open(path)
+    path, f, names = _open(path)
     n, k = f.metadata.num_rows, len(names) - 1
     X, y = np.empty((n, k), DTYPE), np.empty(n, DTYPE)
     start = 0
-    for t in iter_table(path):
+    for t in _row_groups(path, f, names):
         X[start : start + len(t)], y[start : start + len(t)] = t.X, t.y
         start += len(t)
     return Table(X, y)

@@ -19,3 +19,8 @@ class DivergenceError(PipelineError, RuntimeError):
 
 class TrackingError(PipelineError, RuntimeError):
     """The MLflow tracking store cannot be used; the message names its URI."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one line: parser, Arrow, MLflow and SQLAlchemy messages go on with context, SQL and links."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -15,7 +15,7 @@ import safetensors.numpy
 from pipeline import cli, config, data, theory, tracking
 from pipeline.config import GenerateParams
 from pipeline.data import trajectory_columns, weight_names
-from pipeline.errors import DataError
+from pipeline.errors import DataError, first_line
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 from pipeline.theory import LineFit
 
@@ -38,8 +38,7 @@ def load_line(path: str | Path) -> LineFit:
         weights = state["weight"].astype(np.float64).reshape(-1)
         return LineFit(weights=weights, bias=float(state["bias"].reshape(-1)[0]))
     except Exception as e:  # any unreadable, foreign or malicious file: say which and why, in one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: not a model state_dict with weight and bias: {first}") from None
+        raise DataError(f"{path}: not a model state_dict with weight and bias: {first_line(e)}") from None
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -60,8 +59,7 @@ def read_trajectory(path: str | Path, n_features: int) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"{path}: not a readable trajectory CSV: {first}") from None
+        raise DataError(f"{path}: not a readable trajectory CSV: {first_line(e)}") from None
     if list(df.columns) != trajectory_columns(n_features) or len(df) == 0:
         raise DataError(f"{path}: expected a trajectory with columns {trajectory_columns(n_features)}")
     return df
@@ -183,11 +181,9 @@ def figures(
 def evaluate(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
     # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
-    tracker = tracking.connect(cfg.tracking.experiment)
-    try:
+    # Leaving the block stops a worker that never got a run (the stage failed its checks).
+    with tracking.connect(cfg.tracking.experiment) as tracker:
         evaluate_and_write(args, cfg, tracker)
-    finally:
-        tracker.close()  # a worker the stage never gave a run to (it failed its checks) is stopped
 
 
 def evaluate_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import TrackingError
+from pipeline.errors import TrackingError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,6 @@ def _store_lock(uri: str) -> Iterator[None]:
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one line: MLflow and SQLAlchemy messages go on with SQL, hints and links."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @dataclass
@@ -284,6 +279,12 @@ class Tracker:
             cause = f"the tracking worker stopped with exit status {code}"
         self._failed = TrackingError(f"MLflow store {self.uri}: {cause}")
         return self._failed
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Let an idle worker go (one with no run open: run() ends its own) and wait for it to exit.

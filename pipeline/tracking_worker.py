@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 
 from pipeline import tracking
+from pipeline.errors import first_line
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -300,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.abandon()
         return 0
     except Exception as e:
-        replies.send("error", tracking.first_line(e))
+        replies.send("error", first_line(e))
         if session is not None:
             session.abandon()
         return 1

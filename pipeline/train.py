@@ -81,11 +81,9 @@ def analyse(
 def train(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
     # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
-    tracker = tracking.connect(cfg.tracking.experiment)
-    try:
+    # Leaving the block stops a worker that never got a run (the stage failed its checks).
+    with tracking.connect(cfg.tracking.experiment) as tracker:
         fit_and_write(args, cfg, tracker)
-    finally:
-        tracker.close()  # a worker the stage never gave a run to (it failed its checks) is stopped
 
 
 def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:

@@ -11,8 +11,6 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -28,7 +26,7 @@ from mlflow.utils import mlflow_tags
 
 from pipeline import generate, tracking, tracking_worker, train
 from pipeline.errors import TrackingError
-from tests.conftest import REPO, free_port, pipeline_env, wait_for_port
+from tests.conftest import REPO, mlflow_server
 
 
 @pytest.fixture
@@ -305,20 +303,8 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
 def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            *(str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
-            *("--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--default-artifact-root", str(tmp_path / "a")),
-        ],
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        assert wait_for_port(port, 120), "the mlflow server did not start"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with mlflow_server(tmp_path) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         tracker = tracking.connect("t", root)
         steps = np.arange(2345)
         series = {name: (steps, np.sin(steps * (i + 1))) for i, name in enumerate(("a", "b", "c"))}
@@ -336,6 +322,3 @@ def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
             tracker.log_params(run, {"p": 2})  # MLflow refuses to change a logged param
         assert str(raised.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(raised.value)
         assert client.get_run(run.id or "").info.status == "FAILED"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait()
