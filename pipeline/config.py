@@ -65,6 +65,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment: str
+    registered_model: str | None  # also register the logged model under this name in MLflow's model registry
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,15 @@ def validate(cfg: Config) -> Config:
     _check(s, t.convergence_tol > 0, "train.convergence_tol", t.convergence_tol, "must be > 0")
     _check(
         s, bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "must not be empty"
+    )
+    name = cfg.tracking.registered_model
+    # MLflow refuses these characters in a model name only when it registers, after training: say so first.
+    _check(
+        s,
+        name is None or (bool(name.strip()) and not set(name) & set("/:") and name not in (".", "..")),
+        "tracking.registered_model",
+        name,
+        "must be null or a name without '/' or ':'",
     )
     return cfg
 

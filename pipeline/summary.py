@@ -40,14 +40,17 @@ def summarise(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
     metrics = json.loads(Path(paths["metrics"]).read_text())
     print(table(metrics, json.loads(Path(paths["train_metrics"]).read_text())))
-    tracker = tracking.connect(cfg.tracking.experiment)
-    run_id = tracker.find_run(md5_file(paths["model"]))
-    tracker.close()
+    print(f"predict with it: python -m pipeline.predict 1.5 2.0   (the model is {paths['model']})")
+    with tracking.connect(cfg.tracking.experiment) as tracker:
+        run_id = tracker.find_run(md5_file(paths["model"]))
+        model_id = None if run_id is None else tracker.find_model(run_id)
     if run_id is None:
         print(f"MLflow: no run for this model in {tracker.uri}")
         return
     print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {tracker.uri}")
     print(f"browse it: make ui, then {UI_URL}/#/experiments/{tracker.experiment_id}/runs/{run_id}")
+    if model_id is not None:
+        print(f"load its model: mlflow.pyfunc.load_model('models:/{model_id}'), with MLFLOW_TRACKING_URI={tracker.uri}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

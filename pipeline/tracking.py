@@ -318,9 +318,16 @@ class Tracker:
 
     def find_run(self, model_md5: str) -> str | None:
         """Id of the newest finished run that trained the model with this hash, if any."""
+        return self._query("find", model_md5)
+
+    def find_model(self, run_id: str) -> str | None:
+        """Id of the MLflow model the run logged, if any: load it as models:/<id>."""
+        return self._query("model_of", run_id)
+
+    def _query(self, *command: Any) -> str | None:
         self.start()
         self._found.clear()
-        self._send("find", model_md5)
+        self._send(*command)
         self._wait_for(lambda: bool(self._found))
         return self._found[0]
 
@@ -424,6 +431,32 @@ class Tracker:
             raise TrackingError(f"MLflow store {self.uri}: cannot log {path}: {e.strerror or e}") from None
         self._send("log_artifact", str(staged), artifact_path)
 
+    def expect_model(self, run: Run) -> None:
+        """Say that log_model will come, so that the worker prepares for it while it has nothing else to do."""
+        self._send("expect_model")
+
+    def log_model(
+        self,
+        run: Run,
+        weights: str | Path,
+        columns: Sequence[str],
+        example: np.ndarray,
+        registered_name: str | None = None,
+        step: int = 0,
+    ) -> None:
+        """Log the model in MLflow's format (pipeline/mlflow_model.py) with these safetensors weights.
+
+        columns: the feature columns it takes; example: a few rows of them (the model's input example);
+        registered_name: also register it as a new version of this model; step: link the metrics logged at
+        this step to the model. The weights are copied before this returns, as log_artifact does.
+        """
+        rows = np.asarray(example, dtype=np.float64).reshape(-1, len(columns))
+        try:
+            staged = self._live_worker().stage_artifact(Path(weights))
+        except OSError as e:
+            raise TrackingError(f"MLflow store {self.uri}: cannot log {weights}: {e.strerror or e}") from None
+        self._send("log_model", str(staged), list(columns), rows.tolist(), registered_name, int(step))
+
 
 class OfflineTracker(Tracker):
     """What connect() returns with PIPELINE_TRACKING=off: the same calls, recorded nowhere, and no worker."""
@@ -454,6 +487,9 @@ class OfflineTracker(Tracker):
         pass
 
     def log_artifact(self, run: Run, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, run: Run, weights: str | Path, *args: Any, **kwargs: Any) -> None:
         pass
 
 

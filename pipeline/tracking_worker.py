@@ -11,6 +11,7 @@ ends first, the stage has died without ending its run, and the run is marked FAI
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import queue
@@ -21,6 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
@@ -34,7 +36,10 @@ if TYPE_CHECKING:
 METRICS_PER_REQUEST = 1000  # MLflow's REST limit for one log_batch
 PARAMS_PER_REQUEST = 100
 REQUESTS_IN_FLIGHT = 4  # to a tracking server, at once
-LOGGED = ("log_params", "set_tags", "log_series", "log_dataset", "log_artifact")  # commands without a reply
+# The commands without a reply.
+LOGGED = ("log_params", "set_tags", "log_series", "log_dataset", "log_artifact", "log_model", "expect_model")
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # what MLflow runs to load a logged model
+MODEL_REQUIREMENTS = ("numpy", "pandas", "safetensors")  # what that code imports; MLflow adds itself
 
 
 class Session:
@@ -51,6 +56,7 @@ class Session:
         remote = uri.startswith(("http://", "https://"))
         self.pool = ThreadPoolExecutor(REQUESTS_IN_FLIGHT) if remote else None
         self.pending: list[Future[object]] = []
+        self.idle: list[Callable[[], object]] = []  # work to do whenever no command is waiting
 
     def _request(self, call: Callable[..., object], *args: Any) -> None:
         """One logging call: now for an embedded store; for a server, in the background, REQUESTS_IN_FLIGHT at a
@@ -102,6 +108,13 @@ class Session:
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
+
+    def model_of(self, run_id: str) -> str | None:
+        """Id of the last model the run logged, if any."""
+        self.drain()
+        outputs = self.client.get_run(run_id).outputs
+        models = outputs.model_outputs if outputs is not None else []
+        return models[-1].model_id if models else None
 
     def start(self, run_name: str | None, attach_to_model: str | None, tags_if_new: dict[str, str]) -> str | None:
         """Create the run, or reopen the one that trained `attach_to_model`; returns a warning, if any."""
@@ -201,6 +214,74 @@ class Session:
         self.client.log_artifact(run_id, path, artifact_path)
         os.unlink(path)
 
+    def expect_model(self) -> None:
+        """A model will come: prepare for it while the stage trains."""
+        self.idle.append(prepare_model_logging)
+
+    def log_model(
+        self, weights: str, columns: list[str], example: list[list[float]], registered_name: str | None, step: int
+    ) -> None:
+        self._request(self._log_model, self._run(), weights, columns, example, registered_name, step)
+
+    def _log_model(
+        self,
+        run_id: str,
+        weights: str,
+        columns: list[str],
+        example: list[list[float]],
+        registered_name: str | None,
+        step: int,
+    ) -> None:
+        """The pyfunc model of pipeline/mlflow_model.py with these weights, as an output of the run.
+
+        The signature names the feature columns and takes doubles (float32 would refuse a DataFrame of plain
+        Python floats); one float32 comes out per row. The example is real rows of the training table. The
+        requirements are given, pinned to this environment: inferring them costs MLflow 4-6 s. The metrics
+        already logged at `step` (the last epoch) are linked to the model.
+        """
+        import mlflow
+        import pandas as pd
+        from mlflow.models import Model, ModelSignature
+        from mlflow.types import ColSpec, DataType, Schema
+
+        # Model.log works through MLflow's module-level client, which needs the store and the experiment.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        Model.log(
+            artifact_path=None,  # deprecated in favour of name, but still a required argument
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            step=step,
+            python_model=str(MODEL_CODE),
+            artifacts={"weights": weights},
+            signature=ModelSignature(
+                inputs=Schema([ColSpec(DataType.double, c) for c in columns]), outputs=Schema([ColSpec(DataType.float)])
+            ),
+            input_example=pd.DataFrame(np.asarray(example, dtype=np.float64), columns=columns),
+            pip_requirements=model_requirements(),
+            registered_model_name=registered_name,
+        )
+        os.unlink(weights)
+
+
+def prepare_model_logging() -> None:
+    """What log_model would otherwise spend its first 0.3-0.5 s on: MLflow's pyfunc modules, and its map of
+    installed packages, which it builds (once) to check the model's pinned requirements against."""
+    import mlflow.pyfunc  # noqa: F401
+    from mlflow.utils import requirements_utils
+
+    build_map = getattr(requirements_utils, "_init_packages_to_modules_map", None)  # private: may go away
+    if build_map is not None:
+        build_map()
+
+
+def model_requirements() -> list[str]:
+    """name==version of what the model's code imports, as installed here (without a local label: +cpu)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
 
 class Replies:
     """The reply pipe: nothing but these frames is ever written to it."""
@@ -231,6 +312,13 @@ def read_commands(stream: BinaryIO, commands: queue.SimpleQueue[tuple[Any, ...] 
         pass
     finally:
         commands.put(None)
+
+
+def quiet_model_logging() -> None:
+    """log_model's chatter, which would land in the middle of the stage's own output: a progress bar for a
+    file copied from local disk and a line per check. Warnings and errors still show."""
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
 
 
 def preload(uri: str) -> None:
@@ -264,10 +352,14 @@ def serve(
             replies.send("run", session.run_id)
         elif name == "find":
             replies.send("found", session.find(*args))
+        elif name == "model_of":
+            replies.send("found", session.model_of(*args))
         elif name in LOGGED:
             getattr(session, name)(*args)
         else:
             raise ValueError(f"unknown tracking command {name!r}")
+        while session.idle and commands.empty():
+            session.idle.pop(0)()
         command = commands.get()
     return False
 
@@ -289,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     session = None
     try:
         preload(uri)
+        quiet_model_logging()  # after MLflow's import, which sets up its own loggers
         first = commands.get()
         if first is None:  # the stage stopped before asking for anything: leave the store as it was
             return 0

@@ -19,6 +19,8 @@ from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
 # torch and the modules that import it (or pandas and pyarrow) are imported inside train(), after the tracking
 # worker has started: it imports MLflow (~2 s) on the other core while this process imports torch (~1 s).
+EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
+
 if TYPE_CHECKING:
     import torch
 
@@ -113,6 +115,7 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
     # while this process builds the learner (torch.optim's first use imports torch._dynamo, ~1 s) and trains.
     with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5})
+        tracker.expect_model(run)
         dtype = getattr(torch, p.dtype)
         X, y = loop.as_arrays(table.X, table.y, dtype)
         model = loop.make_model(p.init_seed, k, dtype)
@@ -180,7 +183,15 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
         tracker.log_metrics(run, flat, step=p.epochs)
         for path in (args.trajectory, args.metrics):
             tracker.log_artifact(run, path)
-        tracker.log_artifact(run, args.model, "model")
+        # A few real rows are the model's input example; the metrics just logged at the last epoch go with it.
+        tracker.log_model(
+            run,
+            args.model,
+            data.feature_columns(k),
+            table.X[:EXAMPLE_ROWS],
+            registered_name=cfg.tracking.registered_model,
+            step=p.epochs,
+        )
         # Last: evaluate finds this run by the model's hash, so the tag marks a complete run.
         tracker.set_tags(run, {tracking.MODEL_TAG: md5_file(args.model)})
 

@@ -7,10 +7,13 @@ The tests share one copy and run in file order: the later ones change its worksp
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
@@ -65,7 +68,7 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     assert run.data.tags["data_md5"] == run.inputs.dataset_inputs[0].dataset.digest
     assert run.data.tags["mlflow.source.git.commit"] == sh(repro_repo, "git", "rev-parse", "HEAD").stdout.strip()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"trajectory.csv", "metrics.json", "train.json", "model", "plots"} <= artifacts
+    assert {"trajectory.csv", "metrics.json", "train.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/landscape.png", "plots/convergence.png"} <= plots
     t = json.loads((repro_repo / "data/metrics/train.json").read_text())
@@ -73,6 +76,34 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     assert run.data.metrics["convergence.observed_epochs"] == t["convergence"]["observed_epochs"]
     # The artifacts sit beside the store, under the repository root, not in whatever folder a stage ran in.
     assert run.info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
+
+
+def test_the_runs_mlflow_model_and_the_predict_command_give_the_learned_line(repro_repo: Path) -> None:
+    import mlflow
+    import mlflow.pyfunc
+
+    client, exp_id = store(repro_repo)
+    run = client.search_runs([exp_id])[0]
+    assert run.outputs is not None
+    (output,) = run.outputs.model_outputs
+    m = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
+    w, b = m["weight"]["learned"], m["bias"]["learned"]
+    x = [-2.0, 0.5, 1.5, 10.0]
+    # The model is read through its URI with the repository's store as MLflow's own default.
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking.default_uri(repro_repo))
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(pd.DataFrame({"x": x}))
+    finally:
+        mlflow.set_tracking_uri(before)
+    out = sh(repro_repo, "python", "-m", "pipeline.predict", *map(str, x)).stdout
+    predicted = pd.read_csv(io.StringIO(out))["prediction"].to_numpy()
+    expected = np.array(x) * w + b
+    np.testing.assert_allclose(served, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(predicted, expected, rtol=1e-6, atol=1e-6)
+    tolerance = Z * m["statistical_error"]["weight_se"]
+    # About 3x: the slope within the test's noise band of the truth, plus the learned intercept.
+    assert np.all(np.abs(predicted - 3.0 * np.array(x)) <= tolerance * np.abs(x) + abs(b) + 1e-6)
 
 
 def test_second_repro_runs_nothing(repro_repo: Path) -> None:
