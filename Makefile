@@ -7,11 +7,15 @@ BIN    := $(abspath $(VENV))/bin
 # DVC runs each stage's `python -m ...` through PATH, and so do its queue workers: put the venv first.
 export PATH := $(BIN):$(PATH)
 
+# DVC's plot page with its JavaScript inlined (`dvc plots show` offline), built from the npm registry.
+PLOTS_PAGE := web/dvc-plots.html
+SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
+
 .DEFAULT_GOAL := help
-.PHONY: help install repro test test-fast bench lint ui lock clean
+.PHONY: help install browser repro test test-fast screenshots bench lint ui lock clean
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 needed, found " + sys.version.split()[0])'
@@ -20,27 +24,44 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
-install: $(VENV)/.installed ## Create .venv and install the pinned dependencies
+$(PLOTS_PAGE): web/package.json web/package-lock.json web/build_template.py
+	@command -v npm >/dev/null || { echo "error: npm is needed to fetch the plot page's JavaScript (Debian: apt-get install npm)" >&2; exit 2; }
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
+	$(PYTHON) web/build_template.py
 
-repro: $(VENV)/.installed ## Run the pipeline (dvc repro) and print a summary of the result
+install: $(SETUP) ## Create .venv, install the pinned dependencies and build the offline plot page
+
+# The browser tests need Debian's chromium; as root (CI), this installs it.
+browser: ## Install Debian's chromium for the browser tests, if it is missing
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else \
+	    echo "error: the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 2; \
+	  fi; }
+
+repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the result
 	dvc repro
 	python -m pipeline.summary
 
-test: $(VENV)/.installed ## Lint, type-check and run the whole test suite, end-to-end tests included
-	ruff check pipeline tests
-	ruff format --check pipeline tests
+test: $(SETUP) browser ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
+	ruff check pipeline tests web
+	ruff format --check pipeline tests web
 	mypy
 	python -m pytest
 
-test-fast: $(VENV)/.installed ## Only the unit tests (skips those marked slow, which run DVC, servers or subprocesses)
+test-fast: $(SETUP) ## Only the unit tests (skips those marked slow, which run DVC, servers, browsers or subprocesses)
 	python -m pytest -m "not slow"
 
-bench: $(VENV)/.installed ## Measure the performance targets (P1-P3) and print them as ratios to their floors
+screenshots: $(SETUP) browser ## Regenerate the README's pictures (docs/images/) with the browser tests
+	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py
+
+bench: $(VENV)/.installed ## Measure the performance targets (P1-P5) and print them as ratios to their floors
 	python benchmarks/bench.py
 
 lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
-	ruff check --fix pipeline tests
-	ruff format pipeline tests
+	ruff check --fix pipeline tests web
+	ruff format pipeline tests web
 
 # Loopback only, with MLflow's host-header and CORS checks left on: never --host 0.0.0.0, --allowed-hosts '*'
 # or --disable-security-middleware here (tests/test_reliability.py checks a foreign Host gets 403).
@@ -58,4 +79,4 @@ lock: ## Re-resolve the dependencies from pyproject.toml and rewrite requirement
 	rm -rf .lock-venv
 
 clean: ## Remove the virtual environment and caches (keeps data/, the DVC cache and the MLflow store)
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info web/node_modules $(PLOTS_PAGE)

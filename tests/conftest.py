@@ -75,13 +75,14 @@ def wait_for_port(port: int, timeout: float) -> bool:
 
 
 @contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """A real `mlflow server` on a free 127.0.0.1 port, its store and artifacts in `folder`; yields its URI."""
+def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
+    """A real `mlflow server` on a free 127.0.0.1 port, its store (unless `backend` names one) and artifacts in
+    `folder`; yields its URI."""
     port = free_port()
     server = subprocess.Popen(
         [
             *(str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
-            *("--backend-store-uri", f"sqlite:///{folder}/server.db"),
+            *("--backend-store-uri", backend or f"sqlite:///{folder}/server.db"),
             *("--default-artifact-root", str(folder / "server-artifacts")),
         ],
         env=pipeline_env(),

@@ -1,0 +1,84 @@
+"""Headless Chromium (Debian's `chromium`, which `make test` installs) for the tests that look at pages.
+
+Every call starts a fresh browser with an empty profile and no way out: --host-resolver-rules sends every host
+but 127.0.0.1 nowhere, so a page that needs the internet fails here as it would offline. The flags come from
+../shared/docs/MEASURED.md; without --run-all-compositor-stages-before-draw the MLflow charts stay spinners.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FLAGS = [
+    "--headless",
+    "--no-sandbox",  # the tests run as root in CI
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--run-all-compositor-stages-before-draw",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+
+def chromium() -> str:
+    """The browser's path; a test that needs it fails in CI without it, and is skipped elsewhere."""
+    path = shutil.which("chromium")
+    if path is None:
+        message = "Debian's chromium is not installed (make test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def _run(url: str, *mode: str, budget_ms: int, size: tuple[int, int]) -> subprocess.CompletedProcess[str]:
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [
+                chromium(),
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={size[0]},{size[1]}",
+                f"--virtual-time-budget={budget_ms}",  # page time, run faster than the clock when idle
+                *mode,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+
+
+def dom(url: str, budget_ms: int = 15_000, size: tuple[int, int] = (1600, 1000)) -> str:
+    """The page's DOM once its scripts have run for `budget_ms` of page time."""
+    return _run(url, "--dump-dom", budget_ms=budget_ms, size=size).stdout
+
+
+def screenshot(url: str, name: str, budget_ms: int = 15_000, size: tuple[int, int] = (1600, 1000)) -> Path:
+    """A PNG of the page, saved as ARTIFACTS/name (test-artifacts/ unless TEST_ARTIFACTS says otherwise)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    out = ARTIFACTS / name
+    _run(url, f"--screenshot={out}", budget_ms=budget_ms, size=size)
+    assert out.is_file(), f"chromium wrote no screenshot of {url}"
+    return out
+
+
+def inked_fraction(png: Path) -> float:
+    """Share of the pixels that are not (nearly) white: 0 for a blank page."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+    return float(np.mean(pixels < 230))

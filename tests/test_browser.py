@@ -1,0 +1,148 @@
+"""What users look at, in a real browser with no internet: the MLflow UI over a store the pipeline filled, and
+the page `dvc plots show` writes.
+
+Screenshots land in test-artifacts/ (TEST_ARTIFACTS to change it; `make screenshots` puts them in docs/images/
+for the README).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from dvc_render.html import PAGE_HTML
+from ruamel.yaml import YAML
+
+from pipeline import config, tracking
+from tests import browser
+from tests.conftest import REPO, mlflow_server, sh
+
+pytestmark = pytest.mark.slow
+
+VEGA_PLOTS = 3  # the trajectory plots of dvc.yaml (loss, parameters, gradients); the rest are PNG images
+
+
+class References(HTMLParser):
+    """Every src and href in a page: what a browser would fetch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.found += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+def plots_page(repo: Path, out: Path, *template: str) -> Path:
+    sh(repo, "dvc", "plots", "show", "-o", str(out), *template)
+    return out / "index.html"
+
+
+@pytest.fixture(scope="module")
+def template_repo(repro_repo: Path) -> Path:
+    """The repository copy with the offline page template, which set-up builds (make install) and git ignores."""
+    built = REPO / "web" / "dvc-plots.html"
+    if not built.is_file():
+        pytest.fail("web/dvc-plots.html is missing: `make install` builds it from the npm packages")
+    (repro_repo / "web").mkdir(exist_ok=True)
+    shutil.copy(built, repro_repo / "web" / "dvc-plots.html")
+    return repro_repo
+
+
+def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(
+    template_repo: Path, tmp_path: Path
+) -> None:
+    page = plots_page(template_repo, tmp_path / "plots")
+    refs = References()
+    refs.feed(page.read_text())
+    assert refs.found, "the page should at least show the PNG plots"
+    assert not [r for r in refs.found if re.match(r"(?i)(https?:)?//", r)], refs.found
+    dom = browser.dom(page.as_uri())
+    assert len(re.findall(r'<canvas[^>]*class="marks"', dom)) == VEGA_PLOTS, "vega drew fewer plots than dvc.yaml has"
+    shot = browser.screenshot(page.as_uri(), "dvc-plots.png", size=(1280, 1400))
+    assert browser.inked_fraction(shot) > 0.01  # not a blank page (the DOM check above is the sharp one)
+
+
+def test_dvc_default_page_stays_blank_offline(template_repo: Path, tmp_path: Path) -> None:
+    """The control for the test above: with DVC's own page, whose libraries come from a CDN, the same check
+    finds no plot. So it is the template that makes the difference, not a browser with a way out."""
+    default = tmp_path / "default.html"
+    default.write_text(PAGE_HTML)
+    page = plots_page(template_repo, tmp_path / "plots", "--html-template", str(default))
+    assert "cdn.jsdelivr.net" in page.read_text()
+    assert not re.findall(r'<canvas[^>]*class="marks"', browser.dom(page.as_uri()))
+
+
+def rest(url: str, body: dict[str, Any] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def line_points(dom: str) -> list[tuple[float, float]]:
+    """The (x, y) screen points of the first Plotly line in the page."""
+    paths = re.findall(r'<path class="js-line" d="M([^"]+)"', dom)
+    assert paths, "no line drawn in the chart"
+    return [(float(x), float(y)) for x, y in (p.split(",") for p in paths[0].split("L"))]
+
+
+def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path, tmp_path: Path) -> None:
+    cfg = config.load(repro_repo / "params.yaml")
+    trajectory = pd.read_csv(repro_repo / "data" / "model" / "trajectory.csv")
+    raw = YAML(typ="safe").load((repro_repo / "params.yaml").read_text())
+    params = {f"{s}.{k}": str(v) for s, section in raw.items() for k, v in section.items()}
+    with mlflow_server(tmp_path, backend=tracking.default_uri(repro_repo)) as url:
+        api = f"{url}/api/2.0/mlflow"
+        name = urllib.parse.quote(cfg.tracking.experiment)
+        experiment = rest(f"{api}/experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
+        runs = rest(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
+        mine = [
+            r
+            for r in runs
+            if {p["key"]: p["value"] for p in r["data"]["params"] if p["key"].split(".")[0] in config.SECTIONS}
+            == params
+        ]
+        assert len(mine) == 1, f"{len(mine)} runs with params equal to params.yaml"
+        run_id = mine[0]["info"]["run_id"]
+        history = rest(f"{api}/metrics/get-history?run_id={run_id}&metric_key=weight")["metrics"]
+        by_step = {m["step"]: m["value"] for m in history}
+        # The oracle: the trajectory the stage wrote to its DVC output, with the initial weight as step 0.
+        assert sorted(by_step) == list(range(cfg.train.epochs + 1))
+        assert [by_step[s] for s in trajectory["epoch"]] == pytest.approx(trajectory["weight"].tolist(), abs=1e-6)
+        init = next(p["value"] for p in mine[0]["data"]["params"] if p["key"] == "init.weight")
+        assert by_step[0] == pytest.approx(float(init), abs=1e-7)
+
+        query = {
+            "runs": json.dumps([run_id]),
+            "metric": json.dumps("weight"),
+            "experiments": json.dumps([experiment]),
+            "plot_metric_keys": json.dumps(["weight"]),
+            "plot_layout": "{}",
+            "x_axis": "step",
+            "y_axis_scale": "linear",
+            "line_smoothness": "1",
+            "show_point": "false",
+            "deselected_curves": "[]",
+            "last_linear_y_axis_range": "[]",
+        }
+        metric_page = f"{url}/#/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
+        dom = browser.dom(metric_page)
+        assert "js-plotly-plot" in dom, "the weight chart is not on the page"
+        points = line_points(dom)
+        assert len(points) >= 10 and points[-1][0] > points[0][0]
+        # The weight rises from its initial value to about 3, and screen y grows downwards.
+        rise = trajectory["weight"].iloc[-1] - by_step[0]
+        assert rise > 1 and points[-1][1] < points[0][1]
+        shot = browser.screenshot(metric_page, "mlflow-ui-weight.png", size=(1800, 800))
+        assert browser.inked_fraction(shot) > 0.02
+        run_page = f"{url}/#/experiments/{experiment}/runs/{run_id}"
+        assert browser.inked_fraction(browser.screenshot(run_page, "mlflow-ui-run.png", size=(1800, 1100))) > 0.02
