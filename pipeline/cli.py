@@ -20,9 +20,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LEVEL_VARIABLE = "PIPELINE_LOG_LEVEL"  # how much the stages say; INFO unless set
+
+
 def run(stage: str, body: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     """Run a stage body with logging configured; turn user errors into one line on stderr."""
-    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s {stage}: %(message)s", stream=sys.stderr)
+    level = os.environ.get(LEVEL_VARIABLE, "INFO").upper()
+    if level not in LEVELS:
+        print(f"error: {stage}: {LEVEL_VARIABLE} = {level!r}: must be one of {', '.join(LEVELS)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(format=f"%(levelname)s {stage}: %(message)s", stream=sys.stderr)
+    log.setLevel(level)  # the pipeline's own logger: libraries keep their levels
     try:
         body(args)
     except PipelineError as e:  # fixable from the message alone: one line, no traceback

@@ -101,6 +101,7 @@ def reference_fit(path: str | Path, moments: theory.Moments) -> LineFit:
     float64 moments of one streaming pass (tests/test_theory.py holds the two, and numpy.linalg.lstsq, to
     agree to 1e-10)."""
     if moments.n <= SKLEARN_MAX_ROWS:
+        cli.log.debug("closed form: scikit-learn LinearRegression on %d rows of %s", moments.n, path)
         t = data.read_table(path)
         return theory.closed_form(t.X, t.y)
     cli.log.info("closed form from float64 moments: %d rows is more than scikit-learn gets a copy of", moments.n)

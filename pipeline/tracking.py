@@ -211,6 +211,7 @@ class Tracker:
         if self._worker is None:
             self._worker = _Worker(self.uri, self.experiment)
             self._error = self._failed = None
+            log.debug("tracking worker %d started for %s", self._worker.proc.pid, self.uri)
 
     @property
     def worker_pid(self) -> int | None:

@@ -99,6 +99,9 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
     loop.set_deterministic()  # an op without a deterministic kernel raises instead of varying
     table = data.read_table(args.data)
     k = table.n_features
+    cli.log.debug(
+        "%s: %d rows, %d feature(s); torch %s, %d thread(s)", args.data, len(table), k, torch.__version__, p.threads
+    )
     if k != cfg.generate.n_features:
         raise DataError(f"{args.data}: has {k} feature column(s), generate.true_weights has {cfg.generate.n_features}")
     moments = theory.Moments.of(table.X, table.y)
@@ -121,6 +124,7 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
         model = loop.make_model(p.init_seed, k, dtype)
         rows_per_step = min(len(X), p.batch_size or len(X))
         compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs)
+        cli.log.debug("method %s, %d row(s) per step, compiled: %s", p.method, rows_per_step, compile_step)
         # Every method starts from this model's parameters. Logged before the learner exists, so the worker
         # records them while make_learner imports torch._dynamo.
         w0, b0 = model.weight.detach().numpy(), model.bias.detach().numpy()

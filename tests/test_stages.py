@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import pty
 import struct
 import subprocess
 import sys
 import termios
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline import data, evaluate, generate, tracking, train
+from pipeline import cli, data, evaluate, generate, tracking, train
 from tests.conftest import REPO
 
 
@@ -219,3 +221,49 @@ def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> Non
         assert proc.returncode == 0
     assert "training:" in outputs["terminal"] and "/100 [" in outputs["terminal"]  # n/epochs, then times
     assert "training:" not in outputs["file"] and "it/s" not in outputs["file"] and "epoch/s" not in outputs["file"]
+
+
+@pytest.fixture
+def log_level() -> Iterator[None]:
+    """Put the pipeline logger's level back after a test that changes it."""
+    before = cli.log.level
+    yield
+    cli.log.setLevel(before)
+
+
+@pytest.mark.parametrize("level", ["debug", "WARNING"])
+def test_pipeline_log_level_sets_how_much_the_stages_say(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_level: None, level: str
+) -> None:
+    monkeypatch.setenv("PIPELINE_LOG_LEVEL", level)
+    args = [
+        "--params",
+        str(REPO / "params.yaml"),
+        "--train",
+        f"{tmp_path}/a.parquet",
+        "--test",
+        f"{tmp_path}/b.parquet",
+    ]
+    assert generate.main(args) == 0
+    assert cli.log.getEffectiveLevel() == getattr(logging, level.upper())
+    assert cli.log.isEnabledFor(logging.DEBUG) == (level == "debug")
+
+
+def test_an_unknown_log_level_is_one_line_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PIPELINE_LOG_LEVEL", "loud")
+    args = [
+        "--params",
+        str(REPO / "params.yaml"),
+        "--train",
+        f"{tmp_path}/a.parquet",
+        "--test",
+        f"{tmp_path}/b.parquet",
+    ]
+    assert generate.main(args) == 2
+    assert (
+        capsys.readouterr().err
+        == "error: generate: PIPELINE_LOG_LEVEL = 'LOUD': must be one of DEBUG, INFO, WARNING, ERROR\n"
+    )
+    assert list(tmp_path.iterdir()) == []
