@@ -31,9 +31,9 @@ $(PLOTS_PAGE): web/package.json web/package-lock.json web/build_template.py
 
 install: $(SETUP) ## Create .venv, install the pinned dependencies and build the offline plot page
 
-# The browser tests need Debian's chromium; as root (CI), this installs it.
-browser: ## Install Debian's chromium for the browser tests, if it is missing
-	@command -v chromium >/dev/null || { \
+# The browser tests need Chromium (or Chrome, as on GitHub's runners); as root (CI), this installs Debian's.
+browser: ## Install Debian's chromium for the browser tests, if no Chromium or Chrome is there
+	@command -v chromium >/dev/null || command -v google-chrome >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
 	  else \
@@ -45,8 +45,8 @@ repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the resul
 	python -m pipeline.summary
 
 test: $(SETUP) browser ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
-	ruff check pipeline tests web
-	ruff format --check pipeline tests web
+	ruff check pipeline tests web benchmarks
+	ruff format --check pipeline tests web benchmarks
 	mypy
 	python -m pytest
 
@@ -60,8 +60,8 @@ bench: $(VENV)/.installed ## Measure the performance targets (P1-P5) and print t
 	python benchmarks/bench.py
 
 lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
-	ruff check --fix pipeline tests web
-	ruff format pipeline tests web
+	ruff check --fix pipeline tests web benchmarks
+	ruff format pipeline tests web benchmarks
 
 # Loopback only, with MLflow's host-header and CORS checks left on: never --host 0.0.0.0, --allowed-hosts '*'
 # or --disable-security-middleware here (tests/test_reliability.py checks a foreign Host gets 403).

@@ -1,4 +1,4 @@
-"""Headless Chromium (Debian's `chromium`, which `make test` installs) for the tests that look at pages.
+"""Headless Chromium (Debian's `chromium`, which `make test` installs, or Chrome) for the tests that look at pages.
 
 Every call starts a fresh browser with an empty profile and no way out: --host-resolver-rules sends every host
 but 127.0.0.1 nowhere, so a page that needs the internet fails here as it would offline. The flags come from
@@ -32,11 +32,14 @@ FLAGS = [
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")  # Debian's first
+
+
 def chromium() -> str:
     """The browser's path; a test that needs it fails in CI without it, and is skipped elsewhere."""
-    path = shutil.which("chromium")
+    path = next(filter(None, map(shutil.which, BROWSERS)), None)
     if path is None:
-        message = "Debian's chromium is not installed (make test installs it)"
+        message = f"no Chromium ({', '.join(BROWSERS)}): make test installs Debian's chromium"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

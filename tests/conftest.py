@@ -19,6 +19,7 @@ import pytest
 from pipeline import config
 
 REPO = Path(__file__).resolve().parents[1]
+SETUP_BUILT = ("web/dvc-plots.html",)  # git ignores them; `make install` builds them (Makefile)
 
 
 @pytest.fixture
@@ -100,9 +101,11 @@ def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
 
 
 def copy_repo(dest: Path) -> Path:
-    """The working tree's tracked and untracked-but-not-ignored files, committed in a fresh git repository.
+    """The working tree's tracked and untracked-but-not-ignored files, committed in a fresh git repository,
+    and what set-up builds (the offline plot page, SETUP_BUILT).
 
-    Outputs, the DVC cache, .venv and the MLflow store are ignored, so the copy starts as a fresh clone does.
+    Outputs, the DVC cache, .venv and the MLflow store are ignored, so the copy starts as a fresh clone does
+    once `make install` has run there.
     """
     dest.mkdir(parents=True, exist_ok=True)
     files = subprocess.run(
@@ -117,6 +120,11 @@ def copy_repo(dest: Path) -> Path:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+    for rel in SETUP_BUILT:
+        if not (REPO / rel).is_file():
+            raise RuntimeError(f"{rel} is missing: `make install` builds it")
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
     sh(dest, "git", "init", "-q", "-b", "main")
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-q", "-m", "copy for test")

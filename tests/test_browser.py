@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
@@ -23,7 +22,7 @@ from ruamel.yaml import YAML
 
 from pipeline import config, tracking
 from tests import browser
-from tests.conftest import REPO, mlflow_server, sh
+from tests.conftest import mlflow_server, sh
 
 pytestmark = pytest.mark.slow
 
@@ -46,21 +45,8 @@ def plots_page(repo: Path, out: Path, *template: str) -> Path:
     return out / "index.html"
 
 
-@pytest.fixture(scope="module")
-def template_repo(repro_repo: Path) -> Path:
-    """The repository copy with the offline page template, which set-up builds (make install) and git ignores."""
-    built = REPO / "web" / "dvc-plots.html"
-    if not built.is_file():
-        pytest.fail("web/dvc-plots.html is missing: `make install` builds it from the npm packages")
-    (repro_repo / "web").mkdir(exist_ok=True)
-    shutil.copy(built, repro_repo / "web" / "dvc-plots.html")
-    return repro_repo
-
-
-def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(
-    template_repo: Path, tmp_path: Path
-) -> None:
-    page = plots_page(template_repo, tmp_path / "plots")
+def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(repro_repo: Path, tmp_path: Path) -> None:
+    page = plots_page(repro_repo, tmp_path / "plots")
     refs = References()
     refs.feed(page.read_text())
     assert refs.found, "the page should at least show the PNG plots"
@@ -71,12 +57,12 @@ def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(
     assert browser.inked_fraction(shot) > 0.01  # not a blank page (the DOM check above is the sharp one)
 
 
-def test_dvc_default_page_stays_blank_offline(template_repo: Path, tmp_path: Path) -> None:
+def test_dvc_default_page_stays_blank_offline(repro_repo: Path, tmp_path: Path) -> None:
     """The control for the test above: with DVC's own page, whose libraries come from a CDN, the same check
     finds no plot. So it is the template that makes the difference, not a browser with a way out."""
     default = tmp_path / "default.html"
     default.write_text(PAGE_HTML)
-    page = plots_page(template_repo, tmp_path / "plots", "--html-template", str(default))
+    page = plots_page(repro_repo, tmp_path / "plots", "--html-template", str(default))
     assert "cdn.jsdelivr.net" in page.read_text()
     assert not re.findall(r'<canvas[^>]*class="marks"', browser.dom(page.as_uri()))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -120,17 +119,16 @@ def logged_model_id(client: MlflowClient, run_id: str) -> str:
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A project folder whose store MLflow's module-level API (load_model of a models:/ URI) reads too."""
-    import mlflow
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder whose store MLflow's module-level API (load_model of a models:/ URI) reads too.
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Through the variable, which monkeypatch puts back: mlflow.set_tracking_uri would set it for the rest of
+    the session, and later tests would find their stores moved.
+    """
     monkeypatch.delenv("PIPELINE_TRACKING", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.default_uri(tmp_path))
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking.default_uri(tmp_path))
-    yield tmp_path
-    mlflow.set_tracking_uri(before)
+    return tmp_path
 
 
 @pytest.mark.slow
@@ -145,14 +143,16 @@ def test_the_logged_model_loads_by_uri_and_predicts_what_the_nn_linear_does(root
     example = np.random.default_rng(0).standard_normal((3, len(w))).astype(np.float32)
     tracker = tracking.connect("t", root)
     with tracker.run() as run:
-        tracker.log_series(run, {"loss": ([7], [0.125])})
+        tracker.log_params(run, {"train.lr": 0.1})
         tracker.log_model(run, weights, columns, example, step=7)
     assert run.id is not None
     client = MlflowClient(tracker.uri)
     model_id = logged_model_id(client, run.id)
+    outputs = client.get_run(run.id).outputs
+    assert outputs is not None and outputs.model_outputs[0].step == 7
     logged = client.get_logged_model(model_id)
     assert logged.experiment_id == tracker.experiment_id and logged.source_run_id == run.id
-    assert {(m.key, m.step, m.value) for m in logged.metrics or []} == {("loss", 7, 0.125)}
+    assert logged.params == {"train.lr": "0.1"} and str(logged.status) == "READY"
 
     model = mlflow.pyfunc.load_model(f"models:/{model_id}")
     assert model.metadata.get_input_schema().input_names() == columns

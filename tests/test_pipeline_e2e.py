@@ -78,8 +78,9 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     assert run.info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
 
 
-def test_the_runs_mlflow_model_and_the_predict_command_give_the_learned_line(repro_repo: Path) -> None:
-    import mlflow
+def test_the_runs_mlflow_model_and_the_predict_command_give_the_learned_line(
+    repro_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow.pyfunc
 
     client, exp_id = store(repro_repo)
@@ -89,13 +90,9 @@ def test_the_runs_mlflow_model_and_the_predict_command_give_the_learned_line(rep
     m = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
     w, b = m["weight"]["learned"], m["bias"]["learned"]
     x = [-2.0, 0.5, 1.5, 10.0]
-    # The model is read through its URI with the repository's store as MLflow's own default.
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking.default_uri(repro_repo))
-    try:
-        served = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(pd.DataFrame({"x": x}))
-    finally:
-        mlflow.set_tracking_uri(before)
+    # The model is read through its URI, from the store MLFLOW_TRACKING_URI names (monkeypatch puts it back).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.default_uri(repro_repo))
+    served = mlflow.pyfunc.load_model(f"models:/{output.model_id}").predict(pd.DataFrame({"x": x}))
     out = sh(repro_repo, "python", "-m", "pipeline.predict", *map(str, x)).stdout
     predicted = pd.read_csv(io.StringIO(out))["prediction"].to_numpy()
     expected = np.array(x) * w + b
