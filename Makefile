@@ -12,7 +12,7 @@ PLOTS_PAGE := web/dvc-plots.html
 SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser repro test test-fast screenshots bench lint ui lock clean
+.PHONY: help install browser repro test test-fast sweep screenshots bench lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,20 @@ test: $(SETUP) browser ## Lint, type-check and run the whole test suite, end-to-
 
 test-fast: $(SETUP) ## Only the unit tests (skips those marked slow, which run DVC, servers, browsers or subprocesses)
 	python -m pytest -m "not slow"
+
+# A grid of queued DVC experiments, run JOBS at a time into the one MLflow store, every run tagged
+# sweep=SWEEP (filter on it in the MLflow UI and compare). GRID: one or more space-separated name=v1,v2,...
+SWEEP ?= $(shell date +sweep-%Y%m%d-%H%M%S)
+GRID  ?= train.lr=0.01,0.05,0.1
+JOBS  ?= 2
+sweep: $(SETUP) ## Queue GRID (train.lr=0.01,0.05,0.1) as experiments, run them JOBS at a time, tag them sweep=SWEEP
+	dvc exp run --queue $(foreach g,$(GRID),-S '$(g)') -S 'tracking.sweep=$(SWEEP)'
+	dvc queue start -j $(JOBS)
+	@while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 2; done
+	dvc queue stop
+	@! dvc queue status | grep -E '\bFailed\b' || { echo "error: some experiments failed: dvc queue logs <name>" >&2; exit 1; }
+	dvc exp show --no-pager
+	@echo "MLflow: make ui, then filter the runs with tags.sweep = '$(SWEEP)'"
 
 screenshots: $(SETUP) browser ## Regenerate the README's pictures (docs/images/) with the browser tests
 	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py

@@ -66,6 +66,7 @@ class TrainParams:
 class TrackingParams:
     experiment: str
     registered_model: str | None  # also register the logged model under this name in MLflow's model registry
+    sweep: str | None  # tag the run sweep=<name>: the runs of one sweep, filtered and compared in the MLflow UI
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def validate(cfg: Config) -> Config:
     _check(
         s, bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "must not be empty"
     )
+    sweep = cfg.tracking.sweep
+    _check(s, sweep is None or bool(sweep.strip()), "tracking.sweep", sweep, "must be null or a non-empty name")
     name = cfg.tracking.registered_model
     # MLflow refuses these characters in a model name only when it registers, after training: say so first.
     _check(

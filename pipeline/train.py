@@ -117,7 +117,8 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
     # The run starts once the inputs have passed their checks: the worker opens the store and creates the run
     # while this process builds the learner (torch.optim's first use imports torch._dynamo, ~1 s) and trains.
     with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
-        tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5})
+        sweep = {} if cfg.tracking.sweep is None else {"sweep": cfg.tracking.sweep}
+        tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5} | sweep)
         tracker.expect_model(run)
         dtype = getattr(torch, p.dtype)
         X, y = loop.as_arrays(table.X, table.y, dtype)

@@ -1,0 +1,72 @@
+"""When one machine is not enough: a DVC remote shared by clones, and sweeps of queued experiments that land
+in one MLflow store, grouped for the UI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ruamel.yaml import YAML
+
+from pipeline import config, tracking
+from tests.conftest import copy_repo, sh
+
+pytestmark = pytest.mark.slow
+
+
+def outputs(repo: Path) -> list[Path]:
+    """Every file DVC tracks as a stage output, from dvc.lock (directories expanded)."""
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())
+    paths = [repo / out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()))]
+    assert files, "dvc.lock names no outputs"
+    return files
+
+
+def test_push_from_one_clone_and_pull_into_another_restores_every_output_without_running(tmp_path: Path) -> None:
+    first = copy_repo(tmp_path / "first")
+    assert sh(first, "dvc", "remote", "default").stdout.strip() == "local", "the project ships a default remote"
+    sh(first, "dvc", "repro")
+    sh(first, "git", "commit", "-q", "-am", "repro", check=False)  # dvc.lock, if this checkout's was older
+    remote = tmp_path / "remote"
+    # Where the remote lives is a per-clone setting (.dvc/config.local, ignored by git), as it would be for
+    # a real team: the committed default is ../linreg-dvc-remote beside the repository.
+    sh(first, "dvc", "remote", "modify", "--local", "local", "url", str(remote))
+    sh(first, "dvc", "push")
+
+    second = tmp_path / "second"
+    sh(tmp_path, "git", "clone", "-q", str(first), str(second))
+    assert not (second / "data" / "model" / "model.safetensors").exists()
+    sh(second, "dvc", "remote", "modify", "--local", "local", "url", str(remote))
+    sh(second, "dvc", "pull")
+
+    theirs = outputs(first)
+    ours = outputs(second)
+    assert [p.relative_to(second) for p in ours] == [p.relative_to(first) for p in theirs]
+    for a, b in zip(theirs, ours, strict=True):
+        assert a.read_bytes() == b.read_bytes(), f"{b.relative_to(second)} differs after dvc pull"
+    assert "up to date" in sh(second, "dvc", "status").stdout
+    assert "Running stage" not in sh(second, "dvc", "repro").stdout
+    assert not (second / "mlruns").exists(), "nothing ran, so nothing was tracked"
+
+
+def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(tmp_path: Path) -> None:
+    repo = copy_repo(tmp_path / "repo")
+    sh(repo, "dvc", "repro")
+    sh(repo, "git", "commit", "-q", "-am", "repro", check=False)
+    venv = Path(sys.executable).parents[1]  # this one: the copy has none, and make would build one
+    sh(repo, "make", "sweep", f"VENV={venv}", "SWEEP=lr-grid", "GRID=train.lr=0.01,0.05,0.1", "JOBS=2")
+    assert not (repo / ".venv").exists()
+    cfg = config.load(repo / "params.yaml")
+    client = MlflowClient(tracking.default_uri(repo))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'lr-grid'")
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.01", "0.05", "0.1"]
+    assert all(r.info.status == "FINISHED" and "weight.learned" in r.data.metrics for r in runs)
+    assert len({r.data.tags["dvc_exp_name"] for r in runs}) == 3
+    shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
+    assert all(r.data.tags["dvc_exp_name"] in shown for r in runs), shown
