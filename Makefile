@@ -12,7 +12,7 @@ PLOTS_PAGE := web/dvc-plots.html
 SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser repro test test-fast sweep screenshots bench lint ui lock clean
+.PHONY: help install browser postgres team-server repro test test-fast sweep screenshots bench lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,11 +40,24 @@ browser: ## Install Debian's chromium for the browser tests, if no Chromium or C
 	    echo "error: the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 2; \
 	  fi; }
 
+# The team server's tests need PostgreSQL; as root (CI), this installs Debian's.
+postgres: ## Install Debian's postgresql for the team-server tests, if it is missing
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	  else \
+	    echo "error: the team-server tests need PostgreSQL: sudo apt-get install postgresql" >&2; exit 2; \
+	  fi; }
+
+TEAM_DIR ?= .team
+team-server: $(SETUP) postgres ## Start PostgreSQL and an MLflow server on it at http://127.0.0.1:5001 (data in TEAM_DIR)
+	python -m pipeline.team_server --dir $(TEAM_DIR)
+
 repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the result
 	dvc repro
 	python -m pipeline.summary
 
-test: $(SETUP) browser ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
+test: $(SETUP) browser postgres ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
 	ruff check pipeline tests web benchmarks
 	ruff format --check pipeline tests web benchmarks
 	mypy

@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam")
 METHODS = ("nn", "autograd", "numpy")
 DTYPES = ("float32", "float64")
 COMPILE = ("auto", "on", "off")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class TrainParams:
     dtype: str
     threads: int
     compile: str
+    device: str
     convergence_tol: float
     allow_divergence: bool
 
@@ -181,6 +183,8 @@ def validate(cfg: Config) -> Config:
     _check(s, t.threads >= 1, "train.threads", t.threads, "must be >= 1")
     _check(s, t.compile in COMPILE, "train.compile", t.compile, f"must be one of {COMPILE}")
     _check(s, t.compile != "on" or t.method == "nn", "train.compile", t.compile, "compiles the nn method only")
+    _check(s, t.device in DEVICES, "train.device", t.device, f"must be one of {DEVICES}")
+    _check(s, t.device != "cuda" or t.method == "nn", "train.device", t.device, "runs the nn method only")
     _check(s, t.convergence_tol > 0, "train.convergence_tol", t.convergence_tol, "must be > 0")
     _check(
         s, bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "must not be empty"

@@ -173,21 +173,30 @@ class NNLearner:
         lr: float,
         momentum: float,
         compile: bool = False,
+        device: torch.device | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        average: Callable[[float], float] | None = None,
     ):
-        self.model, self.criterion = model, nn.MSELoss()
-        self.optimizer = make_optimizer(optimizer, list(model.parameters()), lr, momentum)
-        self.X, self.y = column_major(torch.from_numpy(X)), torch.from_numpy(y)
+        """wrap: what the five steps call instead of the nn.Linear itself (DistributedDataParallel); average:
+        the loss over all processes, from this one's (pipeline/distributed.py)."""
+        self.module = model.to(device or torch.device("cpu"))
+        self.model = wrap(self.module) if wrap else self.module
+        self.criterion = nn.MSELoss()
+        self.optimizer = make_optimizer(optimizer, list(self.module.parameters()), lr, momentum)
+        self.X, self.y = column_major(torch.from_numpy(X).to(device)), torch.from_numpy(y).to(device)
         self.train_step: TrainStep = compiled_train_step() if compile else train_step
+        self.average = average
 
     def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-        loss = self.train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows])
-        w, b = self.model.weight, self.model.bias
+        loss = self.train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows]).item()
+        w, b = self.module.weight, self.module.bias
         assert w.grad is not None and b.grad is not None  # set by loss.backward()
         # .grad still holds this step's gradient: step() reads it but does not clear it.
-        return loss.item(), w.grad.numpy().copy(), b.grad.numpy().copy()
+        loss = self.average(loss) if self.average else loss
+        return loss, w.grad.cpu().numpy().copy(), b.grad.cpu().numpy().copy()
 
     def params(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.model.weight.detach().numpy().copy(), self.model.bias.detach().numpy().copy()
+        return self.module.weight.detach().cpu().numpy().copy(), self.module.bias.detach().cpu().numpy().copy()
 
 
 class AutogradLearner:
@@ -278,10 +287,12 @@ def make_learner(
     lr: float,
     momentum: float,
     compile: bool = False,
+    device: torch.device | None = None,
 ) -> Learner:
-    """A learner for `method`, starting from `model`'s parameters (all three start from the same point)."""
+    """A learner for `method`, starting from `model`'s parameters (all three start from the same point); the
+    nn method trains on `device` (the CPU by default), the others on the CPU."""
     if method == "nn":
-        return NNLearner(model, X, y, optimizer, lr, momentum, compile)
+        return NNLearner(model, X, y, optimizer, lr, momentum, compile, device)
     w0, b0 = model.weight.detach().numpy().copy(), model.bias.detach().numpy().copy()
     if method == "autograd":
         return AutogradLearner(w0, b0, X, y, lr, momentum)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import cli, config, tracking
+from pipeline import cli, config, distributed, tracking
 from pipeline.errors import ConfigError, DataError, DivergenceError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
@@ -83,9 +84,16 @@ def analyse(
 def train(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
     # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
-    # Leaving the block stops a worker that never got a run (the stage failed its checks).
-    with tracking.connect(cfg.tracking.experiment) as tracker:
-        fit_and_write(args, cfg, tracker)
+    # Leaving the block stops a worker that never got a run (the stage failed its checks). Under torchrun only
+    # rank 0 tracks the run.
+    rank, _ = distributed.world()
+    if rank != 0:
+        cli.log.setLevel(logging.WARNING)  # one account of the run, rank 0's
+    with tracking.connect(cfg.tracking.experiment) if rank == 0 else tracking.OfflineTracker() as tracker:
+        try:
+            fit_and_write(args, cfg, tracker)
+        finally:
+            distributed.stop()
 
 
 def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:
@@ -113,6 +121,16 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
         )
     data_md5 = md5_file(args.data)
     names = data.weight_names(k)
+    rank, size = distributed.world()
+    dev = distributed.device(p.device) if p.method == "nn" else torch.device("cpu")
+    if size > 1:
+        if p.method != "nn" or p.batch_size is not None:
+            raise ConfigError(
+                f"{cfg.source}: under torchrun, train runs method nn on full batches (train.method = {p.method!r}, "
+                f"train.batch_size = {p.batch_size!r})"
+            )
+        shard = distributed.shard(len(table), rank, size)
+        distributed.start(dev)
 
     # The run starts once the inputs have passed their checks: the worker opens the store and creates the run
     # while this process builds the learner (torch.optim's first use imports torch._dynamo, ~1 s) and trains.
@@ -123,14 +141,24 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
         dtype = getattr(torch, p.dtype)
         X, y = loop.as_arrays(table.X, table.y, dtype)
         model = loop.make_model(p.init_seed, k, dtype)
-        rows_per_step = min(len(X), p.batch_size or len(X))
-        compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs)
-        cli.log.debug("method %s, %d row(s) per step, compiled: %s", p.method, rows_per_step, compile_step)
+        rows_per_step = min(len(X), p.batch_size or len(X)) // size
+        # Compiled steps are tuned for the CPU and one process (benchmarks/bench.py, P3).
+        compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs) and dev.type == "cpu"
+        compile_step = compile_step and size == 1
+        cli.log.debug(
+            "method %s on %s, %d process(es), %d row(s) per step, compiled: %s",
+            p.method,
+            dev,
+            size,
+            rows_per_step,
+            compile_step,
+        )
         # Every method starts from this model's parameters. Logged before the learner exists, so the worker
         # records them while make_learner imports torch._dynamo.
         w0, b0 = model.weight.detach().numpy(), model.bias.detach().numpy()
         init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
-        tracker.log_params(run, cfg.flat() | init | {"data.n_train": len(table), "compiled": compile_step})
+        run_facts = {"data.n_train": len(table), "compiled": compile_step, "device": dev, "world_size": size}
+        tracker.log_params(run, cfg.flat() | init | run_facts)
         tracker.log_dataset(
             run,
             source=args.data,
@@ -140,7 +168,11 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
             n_rows=len(table),
             columns=list(table.columns),
         )
-        learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step)
+        if size > 1:
+            learner: loop.Learner = distributed.learner(model, X[shard], y[shard], p.optimizer, p.lr, p.momentum, dev)
+            X, y = X[shard], y[shard]  # what this rank trains on
+        else:
+            learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step, dev)
 
         columns = data.trajectory_columns(k)[1:]
         # Step 0 of weight and bias is the random initialisation, so their curves start where training did.
@@ -154,7 +186,13 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
             tracker.log_series(run, {c: (steps, rows[:, j]) for j, c in enumerate(columns)})
 
         traj = loop.fit(
-            learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress=sys.stderr.isatty(), on_epochs=log_epochs
+            learner,
+            len(X),
+            p.epochs,
+            p.batch_size,
+            p.shuffle_seed,
+            progress=sys.stderr.isatty() and rank == 0,
+            on_epochs=log_epochs,
         )
         frame = traj.frame()
         shown = sorted({*range(0, len(frame), max(1, p.epochs // 10)), len(frame) - 1})  # ~10 lines and the last
@@ -178,6 +216,9 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
                 f"learning rate for this data is {stab.lr_max:.4g}"
             )
 
+        if rank != 0:
+            return  # rank 0 writes the outputs: every rank holds the same trajectory
+        model = model.cpu()
         loop.load_params(model, traj.weights()[-1], traj.column("bias")[-1:])
         report = analyse(table, moments, traj, stab, p)
         write_bytes_atomic(args.model, state_dict_bytes(model))

@@ -68,6 +68,7 @@ def test_int_accepted_where_float_expected() -> None:
         ("train", "batch_size", 81, "between 1 and the 80 training samples"),
         ("train", "batch_size", "all", "expected int, got str"),
         ("train", "dtype", "float16", "train.dtype"),
+        ("train", "device", "tpu", "train.device = 'tpu': must be one of"),
         ("train", "convergence_tol", 0, "train.convergence_tol"),
         ("train", "allow_divergence", "yes", "expected bool, got str"),
         ("generate", "true_weights", [], "non-empty list"),

@@ -4,15 +4,19 @@ in one MLflow store, grouped for the UI.
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline import config, tracking
-from tests.conftest import copy_repo, sh
+from tests.conftest import copy_repo, pipeline_env, sh, team_stack
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +74,52 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(tmp_path: Path) -
     assert len({r.data.tags["dvc_exp_name"] for r in runs}) == 3
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
     assert all(r.data.tags["dvc_exp_name"] in shown for r in runs), shown
+
+
+def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+    import psycopg
+
+    repo = copy_repo(tmp_path / "repo")
+    cfg = config.load(repo / "params.yaml")
+    raw = YAML(typ="safe").load((repo / "params.yaml").read_text())
+    with team_stack() as (uri, database):
+        sh(repo, "dvc", "repro", env=pipeline_env(MLFLOW_TRACKING_URI=uri))
+        assert not (repo / "mlruns").exists(), "nothing goes to the embedded store"
+        # What the server says, through its REST API.
+        api = f"{uri}/api/2.0/mlflow"
+        name = urllib.parse.quote(cfg.tracking.experiment)
+        experiment = rest(f"{api}/experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
+        (run,) = rest(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
+        assert run["info"]["status"] == "FINISHED"
+        logged = {p["key"]: p["value"] for p in run["data"]["params"] if p["key"].split(".")[0] in config.SECTIONS}
+        assert logged == {f"{s}.{k}": str(v) for s, section in raw.items() for k, v in section.items()}
+        run_id = run["info"]["run_id"]
+        history = rest(f"{api}/metrics/get-history?run_id={run_id}&metric_key=weight")["metrics"]
+        assert sorted(m["step"] for m in history) == list(range(cfg.train.epochs + 1))
+        files = {f["path"] for f in rest(f"{api}/artifacts/list?run_id={run_id}")["files"]}
+        assert {"trajectory.csv", "metrics.json", "plots"} <= files
+        # The model comes back through the server too.
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        client = MlflowClient(uri)
+        outputs = client.get_run(run_id).outputs
+        assert outputs is not None
+        model = mlflow.pyfunc.load_model(f"models:/{outputs.model_outputs[0].model_id}")
+        m = json.loads((repo / "data/metrics/metrics.json").read_text())
+        got = model.predict(pd.DataFrame({"x": [2.0]}))
+        assert got[0] == pytest.approx(2.0 * m["weight"]["learned"] + m["bias"]["learned"], rel=1e-6)
+        # And the rows are in PostgreSQL itself, not in some file beside the server.
+        with psycopg.connect(database) as connection:
+            assert connection.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone() == (1,)
+            weights = connection.execute(
+                "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'weight'", (run_id,)
+            ).fetchone()
+            assert weights == (cfg.train.epochs + 1,)
+
+
+def rest(url: str, body: dict[str, Any] | None = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
