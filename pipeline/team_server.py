@@ -82,6 +82,8 @@ def init_cluster(data: Path) -> str:
     """Create the cluster in `data` (once) and return the superuser's password, kept in data/../password."""
     secret = data.parent / "postgres-password"
     if (data / "PG_VERSION").is_file():
+        if not secret.is_file():
+            raise ServerError(f"{secret}: missing, and the cluster in {data} needs it; remove {data} to start over")
         return secret.read_text().strip()
     data.mkdir(parents=True, mode=0o700)
     _chown_to_owner(data)

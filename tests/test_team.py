@@ -123,3 +123,13 @@ def rest(url: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
+
+
+def test_a_cluster_without_its_password_file_is_one_clear_error(tmp_path: Path) -> None:
+    from pipeline import team_server
+
+    data = tmp_path / "postgres"
+    data.mkdir()
+    (data / "PG_VERSION").write_text("15\n")
+    with pytest.raises(team_server.ServerError, match=r"postgres-password: missing, .* remove .* to start over"):
+        team_server.init_cluster(data)
