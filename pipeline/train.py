@@ -18,10 +18,10 @@ from pipeline import cli, config, distributed, tracking
 from pipeline.errors import ConfigError, DataError, DivergenceError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
-# torch and the modules that import it (or pandas and pyarrow) are imported inside train(), after the tracking
-# worker has started: it imports MLflow (~2 s) on the other core while this process imports torch (~1 s).
 EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
 
+# torch and the modules that import it (or pandas and pyarrow) are imported inside train(), after the tracking
+# worker has started: it imports MLflow (~2 s) on the other core while this process imports torch (~1 s).
 if TYPE_CHECKING:
     import torch
 

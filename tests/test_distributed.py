@@ -27,7 +27,7 @@ DEVICES = [
 
 def params_file(folder: Path, dtype: str, device: str) -> Path:
     text = (REPO / "params.yaml").read_text()
-    for old, new in ((" dtype: float32", f" dtype: {dtype}"), (" device: auto", f" device: {device}")):
+    for old, new in ((" dtype: float32", f" dtype: {dtype}"), (" device: cpu ", f" device: {device} ")):
         assert old in text
         text = text.replace(old, new)
     (folder / "params.yaml").write_text(text)
