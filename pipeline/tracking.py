@@ -426,11 +426,14 @@ class Tracker:
         The file is copied before this returns, so the caller may delete or replace it at once.
         MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that).
         """
+        self._send("log_artifact", self._snapshot(path), artifact_path)
+
+    def _snapshot(self, path: str | Path) -> str:
+        """A copy of the file for the worker to log, so the caller may change or delete the file at once."""
         try:
-            staged = self._live_worker().stage_artifact(Path(path))
+            return str(self._live_worker().stage_artifact(Path(path)))
         except OSError as e:
             raise TrackingError(f"MLflow store {self.uri}: cannot log {path}: {e.strerror or e}") from None
-        self._send("log_artifact", str(staged), artifact_path)
 
     def expect_model(self, run: Run) -> None:
         """Say that log_model will come, so that the worker prepares for it while it has nothing else to do."""
@@ -452,11 +455,7 @@ class Tracker:
         this step to the model. The weights are copied before this returns, as log_artifact does.
         """
         rows = np.asarray(example, dtype=np.float64).reshape(-1, len(columns))
-        try:
-            staged = self._live_worker().stage_artifact(Path(weights))
-        except OSError as e:
-            raise TrackingError(f"MLflow store {self.uri}: cannot log {weights}: {e.strerror or e}") from None
-        self._send("log_model", str(staged), list(columns), rows.tolist(), registered_name, int(step))
+        self._send("log_model", self._snapshot(weights), list(columns), rows.tolist(), registered_name, int(step))
 
 
 class OfflineTracker(Tracker):
@@ -472,8 +471,8 @@ class OfflineTracker(Tracker):
     def open(self) -> None:
         pass
 
-    def find_run(self, model_md5: str) -> str | None:
-        return None
+    def _query(self, *command: Any) -> str | None:
+        return None  # nothing was recorded, so nothing is found (find_run, find_model)
 
     @contextmanager
     def run(
@@ -487,11 +486,8 @@ class OfflineTracker(Tracker):
     def _send(self, *command: Any) -> None:
         pass
 
-    def log_artifact(self, run: Run, path: str | Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_model(self, run: Run, weights: str | Path, *args: Any, **kwargs: Any) -> None:
-        pass
+    def _snapshot(self, path: str | Path) -> str:
+        return str(path)  # no worker, so no copy: _send drops the command
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,9 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -55,6 +58,28 @@ def sh(cwd: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = Tr
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
     return out
+
+
+def yaml_params(path: Path) -> dict[str, str]:
+    """params.yaml as MLflow params (`section.key` -> str), read with a YAML parser, not the pipeline's config:
+    the oracle for what a run logged."""
+    from ruamel.yaml import YAML
+
+    raw = YAML(typ="safe").load(path.read_text())
+    return {f"{s}.{k}": str(v) for s, section in raw.items() for k, v in section.items()}
+
+
+def logged_params(params: dict[str, str]) -> dict[str, str]:
+    """A run's params that come from params.yaml (not init.*, compiled, device ...)."""
+    return {k: v for k, v in params.items() if k.split(".")[0] in config.SECTIONS}
+
+
+def rest(url: str, body: dict[str, Any] | None = None) -> Any:
+    """A tracking server's REST API: GET, or POST of a JSON body; the decoded JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
 
 
 def free_port() -> int:

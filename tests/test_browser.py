@@ -10,19 +10,16 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 from dvc_render.html import PAGE_HTML
-from ruamel.yaml import YAML
 
 from pipeline import config, tracking
 from tests import browser
-from tests.conftest import mlflow_server, sh
+from tests.conftest import logged_params, mlflow_server, rest, sh, yaml_params
 
 pytestmark = pytest.mark.slow
 
@@ -67,13 +64,6 @@ def test_dvc_default_page_stays_blank_offline(repro_repo: Path, tmp_path: Path) 
     assert not re.findall(r'<canvas[^>]*class="marks"', browser.dom(page.as_uri()))
 
 
-def rest(url: str, body: dict[str, Any] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
-
-
 def line_points(dom: str) -> list[tuple[float, float]]:
     """The (x, y) screen points of the first Plotly line in the page."""
     paths = re.findall(r'<path class="js-line" d="M([^"]+)"', dom)
@@ -84,19 +74,13 @@ def line_points(dom: str) -> list[tuple[float, float]]:
 def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path, tmp_path: Path) -> None:
     cfg = config.load(repro_repo / "params.yaml")
     trajectory = pd.read_csv(repro_repo / "data" / "model" / "trajectory.csv")
-    raw = YAML(typ="safe").load((repro_repo / "params.yaml").read_text())
-    params = {f"{s}.{k}": str(v) for s, section in raw.items() for k, v in section.items()}
+    params = yaml_params(repro_repo / "params.yaml")
     with mlflow_server(tmp_path, backend=tracking.default_uri(repro_repo)) as url:
         api = f"{url}/api/2.0/mlflow"
         name = urllib.parse.quote(cfg.tracking.experiment)
         experiment = rest(f"{api}/experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
         runs = rest(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
-        mine = [
-            r
-            for r in runs
-            if {p["key"]: p["value"] for p in r["data"]["params"] if p["key"].split(".")[0] in config.SECTIONS}
-            == params
-        ]
+        mine = [r for r in runs if logged_params({p["key"]: p["value"] for p in r["data"]["params"]}) == params]
         assert len(mine) == 1, f"{len(mine)} runs with params equal to params.yaml"
         run_id = mine[0]["info"]["run_id"]
         history = rest(f"{api}/metrics/get-history?run_id={run_id}&metric_key=weight")["metrics"]

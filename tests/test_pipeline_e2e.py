@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from ruamel.yaml import YAML
 
 from pipeline import config, tracking
-from tests.conftest import REPO, sh
+from tests.conftest import REPO, logged_params, sh, yaml_params
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +53,8 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     assert len(runs) == 1, "train and evaluate must share one run"
     run = runs[0]
     assert run.info.status == "FINISHED"
-    logged = {k: v for k, v in run.data.params.items() if k.split(".")[0] in config.SECTIONS}
     # The oracle is the YAML itself, read here without the pipeline's config module.
-    raw = YAML(typ="safe").load((repro_repo / "params.yaml").read_text())
-    assert logged == {f"{s}.{k}": str(v) for s, section in raw.items() for k, v in section.items()}
+    assert logged_params(run.data.params) == yaml_params(repro_repo / "params.yaml")
     weight = client.get_metric_history(run.info.run_id, "weight")
     assert sorted(p.step for p in weight) == list(range(cfg.train.epochs + 1))
     assert float(run.data.params["init.weight"]) == next(p.value for p in weight if p.step == 0)

@@ -231,19 +231,16 @@ def log_level() -> Iterator[None]:
     cli.log.setLevel(before)
 
 
+def generate_args(out: Path) -> list[str]:
+    return ["--params", str(REPO / "params.yaml"), "--train", f"{out}/a.parquet", "--test", f"{out}/b.parquet"]
+
+
 @pytest.mark.parametrize("level", ["debug", "WARNING"])
 def test_pipeline_log_level_sets_how_much_the_stages_say(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, log_level: None, level: str
 ) -> None:
     monkeypatch.setenv("PIPELINE_LOG_LEVEL", level)
-    args = [
-        "--params",
-        str(REPO / "params.yaml"),
-        "--train",
-        f"{tmp_path}/a.parquet",
-        "--test",
-        f"{tmp_path}/b.parquet",
-    ]
+    args = generate_args(tmp_path)
     assert generate.main(args) == 0
     assert cli.log.getEffectiveLevel() == getattr(logging, level.upper())
     assert cli.log.isEnabledFor(logging.DEBUG) == (level == "debug")
@@ -253,14 +250,7 @@ def test_an_unknown_log_level_is_one_line_and_nothing_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("PIPELINE_LOG_LEVEL", "loud")
-    args = [
-        "--params",
-        str(REPO / "params.yaml"),
-        "--train",
-        f"{tmp_path}/a.parquet",
-        "--test",
-        f"{tmp_path}/b.parquet",
-    ]
+    args = generate_args(tmp_path)
     assert generate.main(args) == 2
     assert (
         capsys.readouterr().err

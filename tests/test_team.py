@@ -7,16 +7,14 @@ from __future__ import annotations
 import json
 import sys
 import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline import config, tracking
-from tests.conftest import copy_repo, pipeline_env, sh, team_stack
+from tests.conftest import copy_repo, logged_params, pipeline_env, rest, sh, team_stack, yaml_params
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +81,6 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
 
     repo = copy_repo(tmp_path / "repo")
     cfg = config.load(repo / "params.yaml")
-    raw = YAML(typ="safe").load((repo / "params.yaml").read_text())
     with team_stack() as (uri, database):
         sh(repo, "dvc", "repro", env=pipeline_env(MLFLOW_TRACKING_URI=uri))
         assert not (repo / "mlruns").exists(), "nothing goes to the embedded store"
@@ -93,8 +90,8 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
         experiment = rest(f"{api}/experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
         (run,) = rest(f"{api}/runs/search", {"experiment_ids": [experiment]})["runs"]
         assert run["info"]["status"] == "FINISHED"
-        logged = {p["key"]: p["value"] for p in run["data"]["params"] if p["key"].split(".")[0] in config.SECTIONS}
-        assert logged == {f"{s}.{k}": str(v) for s, section in raw.items() for k, v in section.items()}
+        logged = logged_params({p["key"]: p["value"] for p in run["data"]["params"]})
+        assert logged == yaml_params(repo / "params.yaml")
         run_id = run["info"]["run_id"]
         history = rest(f"{api}/metrics/get-history?run_id={run_id}&metric_key=weight")["metrics"]
         assert sorted(m["step"] for m in history) == list(range(cfg.train.epochs + 1))
@@ -116,13 +113,6 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
                 "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'weight'", (run_id,)
             ).fetchone()
             assert weights == (cfg.train.epochs + 1,)
-
-
-def rest(url: str, body: dict[str, Any] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
 
 
 def test_a_cluster_without_its_password_file_is_one_clear_error(tmp_path: Path) -> None:
