@@ -3,16 +3,18 @@
 
 PYTHON ?= python3
 VENV   := .venv
-BIN    := $(abspath $(VENV))/bin
-# DVC runs each stage's `python -m ...` through PATH, and so do its queue workers: put the venv first.
-export PATH := $(BIN):$(PATH)
+# DVC runs each stage's `python -m ...` through PATH, and so do its queue workers: put the venv first, as an
+# absolute path. That path may hold spaces (a clone in "My Projects"), on which make splits words, and even the
+# commands it runs without a shell ("make: /home/me/My: No such file"): so recipes name the venv by its relative
+# path, and prerequisites stay relative.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # DVC's plot page with its JavaScript inlined (`dvc plots show` offline), built from the npm registry.
 PLOTS_PAGE := web/dvc-plots.html
 SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser postgres team-server repro test test-fast sweep screenshots bench lint ui lock clean
+.PHONY: help install browser postgres qemu team-server repro test test-fast sweep screenshots bench lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -20,8 +22,8 @@ help: ## List the targets
 $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 needed, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
 $(PLOTS_PAGE): web/package.json web/package-lock.json web/build_template.py
@@ -49,15 +51,24 @@ postgres: ## Install Debian's postgresql for the team-server tests, if it is mis
 	    echo "error: the team-server tests need PostgreSQL: sudo apt-get install postgresql" >&2; exit 2; \
 	  fi; }
 
+# The emulated-CPU tests run under qemu-user; as root (CI), this installs Debian's.
+qemu: ## Install Debian's qemu-user for the emulated-CPU tests, if qemu-x86_64 is missing
+	@command -v qemu-x86_64 >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user; \
+	  else \
+	    echo "error: the emulated-CPU tests need qemu-user: sudo apt-get install qemu-user" >&2; exit 2; \
+	  fi; }
+
 TEAM_DIR ?= .team
 team-server: $(SETUP) postgres ## Start PostgreSQL and an MLflow server on it at http://127.0.0.1:5001 (data in TEAM_DIR)
-	python -m pipeline.team_server --dir $(TEAM_DIR)
+	python -m pipeline.team_server --dir "$(TEAM_DIR)"
 
 repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the result
 	dvc repro
 	python -m pipeline.summary
 
-test: $(SETUP) browser postgres ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
+test: $(SETUP) browser postgres qemu ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
 	ruff check pipeline tests web benchmarks
 	ruff format --check pipeline tests web benchmarks
 	mypy
@@ -83,7 +94,8 @@ sweep: $(SETUP) ## Queue GRID (train.lr=0.01,0.05,0.1) as experiments, run them 
 screenshots: $(SETUP) browser ## Regenerate the README's pictures (docs/images/) with the browser tests
 	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py
 
-bench: $(VENV)/.installed ## Measure the performance targets (P1-P5) and print them as ratios to their floors
+# The benchmark runs the pipeline in copies of the repository, plot page included (tests/conftest.py copy_repo).
+bench: $(SETUP) ## Measure the performance targets (P1-P5) and print them as ratios to their floors
 	python benchmarks/bench.py
 
 lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code

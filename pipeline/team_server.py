@@ -18,6 +18,7 @@ import glob
 import os
 import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -126,8 +127,9 @@ def postgres(data: Path, port: int) -> Iterator[Postgres]:
     log = data.parent / "postgres.log"
     log.touch()
     _chown_to_owner(log)
-    # TCP on 127.0.0.1 only; the Unix socket goes into the data folder, not /var/run/postgresql.
-    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={data}"
+    # TCP on 127.0.0.1 only; the Unix socket goes into the data folder (quoted: its path may hold spaces), not
+    # /var/run/postgresql.
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={shlex.quote(str(data))}"
     pg_ctl = postgres_bin("pg_ctl")
     started = subprocess.run(
         _as_owner([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"]),

@@ -1,0 +1,149 @@
+"""A clone in a folder whose path holds a space and a non-ASCII letter, as users' folders do ("My Projects",
+"Übungen"): the README's commands work there, through make, and the MLflow store stays inside it.
+
+GNU make splits words on spaces, and runs a command line without shell syntax itself, splitting it there too:
+an unquoted absolute path in a recipe fails with "make: /tmp/.../my: No such file or directory".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import urllib.parse
+import urllib.request
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_repo, pipeline_env, sh
+
+pytestmark = pytest.mark.slow
+
+FOLDER = "my project ü"
+PAGE = "web/dvc-plots.html"
+# The targets that need the set-up (make install): the venv and the offline plot page, or the venv alone.
+NEED_VENV_AND_PAGE = ("install", "repro", "test", "test-fast", "sweep", "screenshots", "bench", "team-server")
+NEED_VENV = ("lint", "ui")
+# Stands in for python3 and npm: logs its folder and arguments; `-m venv DIR` makes DIR/bin/python a copy of it.
+STUB = """#!/bin/sh
+echo "$PWD|$(basename "$0") $*" >> "$STUB_LOG"
+if [ "$1" = -m ] && [ "$2" = venv ]; then mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; fi
+"""
+
+
+def file_path(uri: str) -> Path:
+    """The local path of a file:// URI, percent-decoded as MLflow's local artifact store decodes it."""
+    assert uri.startswith("file://"), uri
+    return Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path))
+
+
+def query(db: Path, sql: str) -> list[tuple[str, ...]]:
+    """Rows of the MLflow store, read with sqlite3 itself: the file at this path is the one MLflow wrote."""
+    with closing(sqlite3.connect(db)) as store:
+        return store.execute(sql).fetchall()
+
+
+def make(repo: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    return sh(repo, "make", "--no-print-directory", *args, env=env).stdout
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Path:
+    """A copy as a fresh clone is: no .venv, no plot page."""
+    repo = copy_repo(tmp_path / FOLDER)
+    (repo / PAGE).unlink()
+    return repo
+
+
+@pytest.fixture(scope="module")
+def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy after `make repro`, its .venv a link to this project's venv (no 75 s install)."""
+    repo = copy_repo(tmp_path_factory.mktemp("paths") / FOLDER)
+    (repo / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
+    # -o: make must take the linked venv and the copied page as built; remaking .venv/.installed would pip install
+    # this copy into the project's own venv.
+    out = make(repo, "-o", ".venv/.installed", "-o", PAGE, "repro")
+    assert "pip install" not in out and "npm" not in out, out
+    return repo
+
+
+def test_every_target_that_needs_the_set_up_builds_it_first(fresh: Path) -> None:
+    for target in (*NEED_VENV_AND_PAGE, *NEED_VENV):
+        plan = make(fresh, "-n", target)
+        assert "-m venv .venv" in plan, f"make {target} does not create the venv first:\n{plan}"
+        assert ("web/build_template.py" in plan) == (target in NEED_VENV_AND_PAGE), f"make {target}:\n{plan}"
+    # make test also installs what the browser, team-server and emulated-CPU tests need, when it is missing.
+    plan = make(fresh, "-n", "test")
+    for tool in ("chromium", "postgresql", "qemu-user"):
+        assert f"apt-get install {tool}" in plan, f"make test does not check for {tool}:\n{plan}"
+
+
+def test_the_first_run_set_up_runs_in_a_folder_with_a_space(fresh: Path, tmp_path: Path) -> None:
+    # The real recipes, with python3 and npm stubbed: they run here, in this folder, and nothing is fetched.
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("python3", "npm"):
+        (stubs / name).write_text(STUB)
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    env = pipeline_env(STUB_LOG=str(log))
+    env["PATH"] = f"{stubs}{os.pathsep}{env['PATH']}"
+    make(fresh, "install", f"PYTHON={stubs / 'python3'}", env=env)
+    folders, commands = zip(*(call.split("|", 1) for call in log.read_text().splitlines()), strict=True)
+    assert set(folders) == {str(fresh)}
+    assert commands[0].startswith("python3 -c import sys;"), commands  # the version check
+    assert list(commands[1:]) == [
+        "python3 -m venv .venv",
+        "python -m pip install --quiet --upgrade pip",
+        "python -m pip install --quiet -c requirements.lock -e .[dev]",
+        "npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error",
+        "python3 web/build_template.py",
+    ]
+    assert (fresh / ".venv/.installed").is_file()
+
+
+def test_make_repro_writes_the_outputs_and_the_mlflow_store_inside_the_folder(repro_repo: Path) -> None:
+    for out in ("data/model/model.safetensors", "data/metrics/metrics.json", "data/plots/fit.png"):
+        assert (repro_repo / out).is_file(), out
+    # Nothing beside the folder: no percent-encoded twin ("my%20project%20%C3%BC") of it or of the store.
+    assert [p.name for p in repro_repo.parent.iterdir()] == [FOLDER]
+    db = repro_repo / "mlruns" / "mlflow.db"
+    assert sh(repro_repo, sys.executable, "-m", "pipeline.tracking").stdout.strip() == f"sqlite:///{db}"
+    assert sorted(repro_repo.rglob("mlflow.db")) == [db]
+    [(location,)] = query(db, "SELECT artifact_location FROM experiments WHERE name = 'linear-regression'")
+    [(run_uri,)] = query(db, "SELECT artifact_uri FROM runs WHERE status = 'FINISHED'")
+    [(model_uri,)] = query(db, "SELECT artifact_location FROM logged_models")
+    assert file_path(location) == repro_repo / "mlruns" / "artifacts"
+    run_files = file_path(run_uri)
+    assert run_files.is_relative_to(repro_repo / "mlruns" / "artifacts")
+    for name in ("metrics.json", "trajectory.csv", "train.json", "plots/fit.png"):
+        assert (run_files / name).is_file(), name
+    assert (file_path(model_uri) / "MLmodel").is_file()
+
+
+def test_predict_and_the_logged_model_work_in_the_folder(repro_repo: Path) -> None:
+    learned = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
+    expected = learned["weight"]["learned"] * 1.5 + learned["bias"]["learned"]
+    lines = sh(repro_repo, sys.executable, "-m", "pipeline.predict", "1.5").stdout.split()
+    assert lines[0] == "x,prediction"
+    assert float(lines[1].split(",")[1]) == pytest.approx(expected, rel=1e-5)
+    # The summary's advice: the model by its models:/ URI, from the store URI with the space in it.
+    [(model_id,)] = query(repro_repo / "mlruns" / "mlflow.db", "SELECT model_id FROM logged_models")
+    uri = sh(repro_repo, sys.executable, "-m", "pipeline.tracking").stdout.strip()
+    code = (
+        "import mlflow, pandas; "
+        f"print(mlflow.pyfunc.load_model('models:/{model_id}').predict(pandas.DataFrame({{'x': [1.5]}}))[0])"
+    )
+    out = sh(repro_repo, sys.executable, "-c", code, env=pipeline_env(MLFLOW_TRACKING_URI=uri)).stdout
+    assert float(out.split()[-1]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_dvc_plots_show_finds_the_offline_page_in_the_folder(repro_repo: Path) -> None:
+    # .dvc/config names the page by a relative path (plots.html_template); without it the page would load the
+    # plotting libraries from a CDN.
+    sh(repro_repo, "dvc", "plots", "show")
+    page = (repro_repo / "dvc_plots/index.html").read_text(encoding="utf-8")
+    assert "vega-embed" in page and 'src="http' not in page
