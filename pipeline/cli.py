@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from pipeline import numerics
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -29,6 +30,12 @@ def run(stage: str, body: Callable[[argparse.Namespace], None], args: argparse.N
     level = os.environ.get(LEVEL_VARIABLE, "INFO").upper()
     if level not in LEVELS:
         print(f"error: {stage}: {LEVEL_VARIABLE} = {level!r}: must be one of {', '.join(LEVELS)}", file=sys.stderr)
+        return 2
+    if numerics.mode() not in numerics.MODES:
+        print(
+            f"error: {stage}: {numerics.VARIABLE} = {numerics.mode()!r}: must be one of {', '.join(numerics.MODES)}",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(format=f"%(levelname)s {stage}: %(message)s", stream=sys.stderr)
     log.setLevel(level)  # the pipeline's own logger: libraries keep their levels

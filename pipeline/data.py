@@ -81,7 +81,8 @@ def generate_chunks(p: GenerateParams, chunk_rows: int = CHUNK_ROWS) -> Iterator
     for start in range(0, p.n_samples, chunk_rows):
         rows = min(chunk_rows, p.n_samples - start)
         X = sample_x(x_rng, p.x_dist, p.x_loc, p.x_scale, (rows, p.n_features))
-        y = X @ w + p.b_true + noise_rng.normal(0.0, p.noise_std, rows)
+        # Summed by numpy in a fixed order, not by BLAS, whose rounding depends on the CPU (pipeline/numerics.py).
+        y = (X * w).sum(axis=1) + p.b_true + noise_rng.normal(0.0, p.noise_std, rows)
         yield Table(X.astype(DTYPE), y.astype(DTYPE))
 
 

@@ -96,16 +96,32 @@ def scan(path: str | Path, max_rows: int | None = None) -> Scan:
     return Scan(total, data.Table(np.concatenate([t.X for t in picked]), np.concatenate([t.y for t in picked])))
 
 
-def reference_fit(path: str | Path, moments: theory.Moments) -> LineFit:
-    """scikit-learn's closed form up to SKLEARN_MAX_ROWS rows; above, the same least-squares solution from the
-    float64 moments of one streaming pass (tests/test_theory.py holds the two, and numpy.linalg.lstsq, to
-    agree to 1e-10)."""
-    if moments.n <= SKLEARN_MAX_ROWS:
-        cli.log.debug("closed form: scikit-learn LinearRegression on %d rows of %s", moments.n, path)
-        t = data.read_table(path)
-        return theory.closed_form(t.X, t.y)
-    cli.log.info("closed form from float64 moments: %d rows is more than scikit-learn gets a copy of", moments.n)
-    return theory.least_squares(moments)
+SKLEARN_AGREEMENT = 1e-9  # largest gap allowed between scikit-learn's answer and the moments', per unit of size
+
+
+def reference_fit(path: str | Path, moments: theory.Moments) -> tuple[LineFit, float | None]:
+    """The closed form and how far scikit-learn's LinearRegression is from it (None above SKLEARN_MAX_ROWS).
+
+    The closed form written is the least-squares solution from the float64 moments (theory.least_squares),
+    the same bytes on any CPU; scikit-learn's own last digits depend on the CPU (its LAPACK is OpenBLAS,
+    pipeline/numerics.py), so it is the check, to SKLEARN_AGREEMENT. Above SKLEARN_MAX_ROWS a float64 copy
+    for scikit-learn would break the memory target, and the moments stand alone (tests/test_theory.py holds
+    them to numpy.linalg.lstsq as well)."""
+    fit = theory.least_squares(moments)
+    if moments.n > SKLEARN_MAX_ROWS:
+        cli.log.info(
+            "closed form from float64 moments only: %d rows is more than scikit-learn gets a copy of", moments.n
+        )
+        return fit, None
+    t = data.read_table(path)
+    gap = float(np.max(np.abs(theory.closed_form(t.X, t.y).params() - fit.params())))
+    cli.log.debug("closed form from moments; scikit-learn LinearRegression on %d rows differs by %.3g", moments.n, gap)
+    if gap > SKLEARN_AGREEMENT * (1.0 + float(np.max(np.abs(fit.params())))):
+        raise DataError(
+            f"{path}: scikit-learn's least-squares fit and the moments' differ by {gap:.3g}: the features are too "
+            "close to collinear for a float64 closed form"
+        )
+    return fit, gap
 
 
 def compute_metrics(
@@ -198,7 +214,7 @@ def evaluate_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tr
     train_metrics = read_json(args.train_metrics)
     tracker.open()  # the inputs are fine: the worker may open the store while the closed form and plots run
 
-    closed = reference_fit(args.train_data, train.moments)
+    closed, sklearn_gap = reference_fit(args.train_data, train.moments)
     metrics = compute_metrics(cfg.generate, learned, closed, train.moments, test.moments)
     names = weight_names(k)
     true = LineFit(np.asarray(cfg.generate.true_weights), cfg.generate.b_true)
@@ -222,7 +238,9 @@ def evaluate_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tr
     # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
     model_md5 = md5_file(args.model)
     with tracker.run(attach_to_model=model_md5, tags_if_new=tracking.provenance_tags("evaluate")) as run:
-        tracker.log_metrics(run, tracking.flatten(metrics))
+        # Not in metrics.json: the gap's last digits are the CPU's (reference_fit), the run may show them.
+        gap = {} if sklearn_gap is None else {"closed_form.sklearn_gap": sklearn_gap}
+        tracker.log_metrics(run, tracking.flatten(metrics) | gap)
         tracker.log_artifact(run, args.metrics)
         for name in pngs:
             tracker.log_artifact(run, plot_dir / name, "plots")

@@ -40,7 +40,9 @@ def make_optimizer(name: str, params: list[nn.Parameter], lr: float, momentum: f
     if name == "sgd":
         return optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adam":
-        return optim.Adam(params, lr=lr)
+        # fused: one kernel of ATen's own vector code, dispatched like the rest (pipeline/numerics.py); the
+        # default kernel's sqrt goes through MKL's vector maths, which picks a code path per CPU of its own.
+        return optim.Adam(params, lr=lr, fused=True)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -78,10 +80,11 @@ def numpy_step(
     w: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray, lr: float, momentum: float, bufs: list[Any]
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """The same step in NumPy: the gradient is derived by hand. Updates w and b in place."""
-    y_pred = X @ w.T + b  # forward
+    # Sums written out rather than X @ w.T: numpy's BLAS picks its kernels, and so its rounding, per CPU.
+    y_pred = (X * w).sum(axis=1, keepdims=True) + b  # forward: y_pred = X @ w.T + b
     residual = y_pred - y
     loss = float(np.mean(residual**2))  # MSE
-    grad_w = 2.0 / len(X) * (residual.T @ X)  # dL/dw = 2/N sum((y_pred - y) x)
+    grad_w = 2.0 / len(X) * np.array([[np.sum(residual[:, 0] * x) for x in X.T]])  # dL/dw = 2/N sum((y_pred - y) x)
     grad_b = 2.0 / len(X) * residual.sum(axis=0)  # dL/db = 2/N sum(y_pred - y)
     for i, (p, g) in enumerate(((w, grad_w), (b, grad_b))):
         p -= lr * (g if momentum == 0 else sgd_momentum(bufs, i, g, momentum))

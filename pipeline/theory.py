@@ -1,12 +1,44 @@
 """What theory says about this problem: the closed-form optimum, its sampling error, and how fast (and
-whether) gradient descent gets there. Pure functions of the data; no I/O."""
+whether) gradient descent gets there. Pure functions of the data; no I/O.
+
+No value here goes through BLAS or LAPACK: numpy's OpenBLAS picks its kernels per CPU, and their sums round
+differently in the last bits (pipeline/numerics.py). Sums over rows are numpy's pairwise sums of elementwise
+products, in an order fixed by the code; the small (k + 1) x (k + 1) systems are solved in mpmath, whose
+software arithmetic rounds the same everywhere. The same bytes then come out on any CPU.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+import mpmath
 import numpy as np
+
+PRECISION = 30  # decimal digits of mpmath's working precision: well past float64's 16, still fast
+
+
+def dot(a: Iterable[float] | np.ndarray, b: Iterable[float] | np.ndarray) -> float:
+    """a . b for short vectors, exactly rounded (math.fsum): the same on any CPU."""
+    return math.fsum(float(x) * float(y) for x, y in zip(a, b, strict=True))
+
+
+def row_dot(X: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """X @ w for an (N, k) table, one column at a time in a fixed order: no BLAS kernel chooses the order."""
+    X = np.asarray(X).reshape(len(X), -1)
+    out: np.ndarray = X[:, 0] * w[0]
+    for j in range(1, X.shape[1]):
+        out = out + X[:, j] * w[j]
+    return out
+
+
+def _mp(A: np.ndarray) -> mpmath.matrix:
+    return mpmath.matrix([[mpmath.mpf(float(v)) for v in row] for row in np.atleast_2d(A)])
+
+
+def _floats(v: mpmath.matrix) -> np.ndarray:
+    return np.array([float(x) for x in v], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -23,7 +55,7 @@ class LineFit:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float64)
-        y: np.ndarray = X.reshape(len(X), -1) @ self.weights + self.bias
+        y: np.ndarray = row_dot(X, self.weights) + self.bias
         return y
 
     def params(self) -> np.ndarray:
@@ -53,7 +85,7 @@ class Moments:
             Z = np.column_stack([X[start : start + chunk_rows], y[start : start + chunk_rows]]).astype(np.float64)
             mean = Z.mean(axis=0)
             D = Z - mean
-            part = cls(len(Z), mean, D.T @ D)
+            part = cls(len(Z), mean, cross_products(D))
             total = part if total is None else total.merge(part)
         if total is None:
             raise ValueError("no rows")
@@ -73,8 +105,9 @@ class Moments:
     def sse(self, fit: LineFit) -> float:
         """Sum of squared residuals of `fit`: v^T C v + n m^2, with v = (w, -1) and m the mean residual."""
         v = np.append(fit.weights, -1.0)
-        m = float(self.mean[:-1] @ fit.weights + fit.bias - self.mean[-1])
-        return float(v @ self.comoment @ v) + self.n * m * m
+        m = dot(self.mean[:-1], fit.weights) + fit.bias - float(self.mean[-1])
+        quadratic = dot([v[i] * v[j] for i in range(len(v)) for j in range(len(v))], self.comoment.reshape(-1))
+        return quadratic + self.n * m * m
 
     def mse(self, fit: LineFit) -> float:
         return self.sse(fit) / self.n
@@ -93,6 +126,17 @@ class Moments:
         return G
 
 
+def cross_products(D: np.ndarray) -> np.ndarray:
+    """D^T D, each entry a pairwise sum over the rows of one column's product with another's."""
+    D = np.asfortranarray(D)  # columns contiguous: numpy sums them pairwise
+    k = D.shape[1]
+    C = np.empty((k, k))
+    for i in range(k):
+        for j in range(i + 1):
+            C[i, j] = C[j, i] = np.add.reduce(D[:, i] * D[:, j])
+    return C
+
+
 def closed_form(X: np.ndarray, y: np.ndarray) -> LineFit:
     """scikit-learn's least-squares fit: the exact minimiser of the training MSE."""
     from sklearn.linear_model import LinearRegression  # 1 s to import: only the stages that need it pay
@@ -105,8 +149,9 @@ def closed_form(X: np.ndarray, y: np.ndarray) -> LineFit:
 def least_squares(m: Moments) -> LineFit:
     """The same optimum from the moments: w = C_xx^-1 C_xy, b = mean(y) - mean(x) . w."""
     k = m.k
-    w = np.linalg.solve(m.comoment[:k, :k], m.comoment[:k, k])
-    return LineFit(weights=w, bias=float(m.mean[k] - m.mean[:k] @ w))
+    with mpmath.workdps(PRECISION):
+        w = _floats(mpmath.lu_solve(_mp(m.comoment[:k, :k]), _mp(m.comoment[:k, k : k + 1])))
+    return LineFit(weights=w, bias=float(m.mean[k] - dot(m.mean[:k], w)))
 
 
 def standard_errors(m: Moments, fit: LineFit) -> np.ndarray:
@@ -117,7 +162,10 @@ def standard_errors(m: Moments, fit: LineFit) -> np.ndarray:
     """
     k = m.k  # config guarantees n > k + 1: s^2 needs n - k - 1 > 0 degrees of freedom
     s2 = m.sse(fit) / (m.n - k - 1)
-    return np.sqrt(s2 * np.diag(np.linalg.inv(m.comoment[:k, :k])))
+    with mpmath.workdps(PRECISION):
+        inverse = mpmath.inverse(_mp(m.comoment[:k, :k]))
+        diagonal = np.array([float(inverse[i, i]) for i in range(k)])
+    return np.sqrt(s2 * diagonal)
 
 
 def hessian(m: Moments) -> np.ndarray:
@@ -150,9 +198,16 @@ def stability(m: Moments, lr: float, momentum: float = 0.0) -> Stability:
     the companion matrix [[1 + β - lr λ, -β], [1, 0]] has spectral radius < 1, i.e. iff lr λ < 2 (1 + β).
     With β = 0 the radius is |1 - lr λ| and, H being symmetric, ‖θ_t - θ*‖ <= radius^t ‖θ_0 - θ*‖ exactly.
     """
-    lam = np.linalg.eigvalsh(hessian(m))
-    radii = [max(abs(np.linalg.eigvals(np.array([[1 + momentum - lr * li, -momentum], [1.0, 0.0]])))) for li in lam]
+    with mpmath.workdps(PRECISION):
+        lam = np.sort(_floats(mpmath.eigsy(_mp(hessian(m)), eigvals_only=True)))
+        radii = [companion_radius(1 + momentum - lr * li, momentum) for li in lam]
     return Stability(eigenvalues=lam, lr_max=2 * (1 + momentum) / float(lam[-1]), contraction=float(max(radii)))
+
+
+def companion_radius(a: float, beta: float) -> float:
+    """Spectral radius of [[a, -beta], [1, 0]]: the larger |root| of z^2 - a z + beta (complex roots: sqrt(beta))."""
+    disc = mpmath.mpf(a) ** 2 - 4 * mpmath.mpf(beta)
+    return float((abs(mpmath.mpf(a)) + mpmath.sqrt(disc)) / 2 if disc >= 0 else mpmath.sqrt(beta))
 
 
 def observed_epochs(distances: np.ndarray, tol: float) -> int | None:
@@ -172,8 +227,12 @@ def mse_grid(m: Moments, fit: LineFit, w1: np.ndarray, b: np.ndarray) -> np.ndar
     W, B = np.meshgrid(w1, b)
     V = np.empty((*W.shape, m.k + 1))
     V[..., 0], V[..., 1:-1], V[..., -1] = W, fit.weights[1:], -1.0
-    mean_residual = V[..., :-1] @ m.mean[:-1] + B - m.mean[-1]
-    Z: np.ndarray = (np.einsum("...i,ij,...j->...", V, m.comoment, V) + m.n * mean_residual**2) / m.n
+    mean_residual = row_dot(V[..., :-1].reshape(-1, m.k), m.mean[:-1]).reshape(W.shape) + B - m.mean[-1]
+    quadratic = np.zeros(W.shape)
+    for i in range(m.k + 1):  # v^T C v, term by term in a fixed order
+        for j in range(m.k + 1):
+            quadratic = quadratic + V[..., i] * m.comoment[i, j] * V[..., j]
+    Z: np.ndarray = (quadratic + m.n * mean_residual**2) / m.n
     return Z
 
 
@@ -183,6 +242,7 @@ def mse_gradient(m: Moments, fit: LineFit) -> np.ndarray:
     From the moments: dL/dw = (2/N)(C_xx w - C_xy) + 2 r x̄ and dL/db = 2 r, r the mean residual.
     """
     k = m.k
-    r = float(m.mean[:k] @ fit.weights + fit.bias - m.mean[k])
-    grad_w = 2.0 / m.n * (m.comoment[:k, :k] @ fit.weights - m.comoment[:k, k]) + 2.0 * r * m.mean[:k]
+    r = dot(m.mean[:k], fit.weights) + fit.bias - m.mean[k]
+    Cw = np.array([dot(m.comoment[i, :k], fit.weights) for i in range(k)])
+    grad_w = 2.0 / m.n * (Cw - m.comoment[:k, k]) + 2.0 * r * m.mean[:k]
     return np.append(grad_w, 2.0 * r)

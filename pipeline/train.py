@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import cli, config, distributed, tracking
+from pipeline import cli, config, distributed, numerics, tracking
 from pipeline.errors import ConfigError, DataError, DivergenceError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
@@ -47,7 +48,7 @@ def analyse(
     end = theory.LineFit(traj.weights()[-1].astype(np.float64), float(traj.column("bias")[-1]))
     path = np.column_stack([traj.weights(), traj.column("bias")]).astype(np.float64)
     distances = np.linalg.norm(path - optimum.params(), axis=1)
-    d0 = float(np.linalg.norm(start.params() - optimum.params()))
+    d0 = math.sqrt(theory.dot(start.params() - optimum.params(), start.params() - optimum.params()))
     # The contraction bound is exact for plain full-batch gradient descent only.
     plain_gd = p.optimizer == "sgd" and p.momentum == 0 and p.batch_size is None
     gradient_gap = max(
@@ -136,7 +137,7 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
     # while this process builds the learner (torch.optim's first use imports torch._dynamo, ~1 s) and trains.
     with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
         sweep = {} if cfg.tracking.sweep is None else {"sweep": cfg.tracking.sweep}
-        tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5} | sweep)
+        tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5} | sweep | numerics.tags())
         tracker.expect_model(run)
         dtype = getattr(torch, p.dtype)
         X, y = loop.as_arrays(table.X, table.y, dtype)

@@ -153,10 +153,12 @@ def test_above_the_scikit_learn_limit_the_reference_comes_from_moments_and_agree
     train, _ = data.generate(p)
     data.write_table(train, tmp_path / "t.parquet")
     m = evaluate.scan(tmp_path / "t.parquet").moments
-    small = evaluate.reference_fit(tmp_path / "t.parquet", m)  # scikit-learn
+    small, gap = evaluate.reference_fit(tmp_path / "t.parquet", m)  # checked against scikit-learn
+    assert gap is not None and gap <= 1e-12
     monkeypatch.setattr(evaluate, "SKLEARN_MAX_ROWS", 1000)
     monkeypatch.setattr(theory, "closed_form", lambda *a: pytest.fail("scikit-learn called above its limit"))
-    large = evaluate.reference_fit(tmp_path / "t.parquet", m)  # moments
+    large, gap = evaluate.reference_fit(tmp_path / "t.parquet", m)  # moments alone
+    assert gap is None
     A = np.column_stack([train.X.astype(np.float64), np.ones(len(train))])
     expected = np.linalg.lstsq(A, train.y.astype(np.float64), rcond=None)[0]
     np.testing.assert_allclose(small.params(), expected, rtol=1e-10)
