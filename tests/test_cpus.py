@@ -1,0 +1,122 @@
+"""The same bytes on other CPUs, shown rather than hoped: the stages under emulated CPUs (qemu-x86_64 -cpu MODEL,
+Debian's qemu-user) write what they write natively, and the defaults what the committed dvc.lock records.
+
+The native CPU here may have AVX-512; the emulated ones have AVX2 only (qemu emulates no AVX-512), one an Intel
+model and one an AMD one, whose vendor MKL also looks at. Each emulated process runs every configuration in turn
+(tests/stages_once.py), because importing torch under emulation is slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from pipeline import numerics
+from tests.conftest import REPO, pipeline_env
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not numerics.portable_here(), reason="the same-bytes guarantee is for x86-64 CPUs"),
+]
+
+MODELS = {"Haswell": "Intel Haswell, AVX2, no AVX-512", "EPYC-Rome": "AMD Zen 2, AVX2"}
+# Every code path whose kernels a CPU could choose: several features, momentum, mini-batches, Adam, float64,
+# the three methods, data away from 0, and the compiled step (forced on: at the sizes where `auto` compiles,
+# an emulated CPU would take hours).
+CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "defaults": {},
+    "features3_momentum_batches": {
+        "generate": {"true_weights": [3.0, -2.0, 0.5], "n_samples": 400},
+        "train": {"momentum": 0.9, "batch_size": 32, "lr": 0.02},
+    },
+    "adam_float64": {"generate": {"true_weights": [3.0, 1.0]}, "train": {"optimizer": "adam", "dtype": "float64"}},
+    "numpy_features3": {"generate": {"true_weights": [3.0, 1.0, -1.0]}, "train": {"method": "numpy"}},
+    "autograd_offset": {
+        "generate": {"true_weights": [3.0, 1.0], "x_loc": 5.0},
+        "train": {"method": "autograd", "momentum": 0.5, "lr": 0.01},
+    },
+    "compiled": {"generate": {"n_samples": 5000}, "train": {"compile": "on", "epochs": 20}},
+}
+
+
+def params_files(folder: Path) -> list[Path]:
+    yaml = YAML()
+    files = []
+    for name, changes in CONFIGS.items():
+        params = yaml.load(REPO / "params.yaml")
+        for section, values in changes.items():
+            params[section].update(values)
+        path = folder / f"{name}.yaml"
+        yaml.dump(params, path)
+        files.append(path)
+    return files
+
+
+def start(out: Path, files: list[Path], cpu: str | None) -> subprocess.Popen[bytes]:
+    """tests/stages_once.py natively (cpu None) or under an emulated CPU, with an inductor cache of its own:
+    each CPU compiles the step itself."""
+    emulate = [] if cpu is None else ["qemu-x86_64", "-cpu", cpu]
+    env = pipeline_env(TORCHINDUCTOR_CACHE_DIR=str(out / "inductor"))
+    cmd = [*emulate, sys.executable, str(REPO / "tests" / "stages_once.py"), str(out), *map(str, files)]
+    log = (out.parent / f"{out.name}.log").open("wb")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def md5s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, dict[str, str]]]]:
+    """{"native" or a model: {config: {output path: md5}}}; the emulated CPUs run side by side (~2 min)."""
+    if shutil.which("qemu-x86_64") is None:
+        message = "qemu-x86_64 is missing: make qemu (apt-get install qemu-user)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    tmp = tmp_path_factory.mktemp("cpus")
+    files = params_files(tmp)
+    runs = {cpu or "native": start(tmp / (cpu or "native"), files, cpu) for cpu in [None, *MODELS]}
+    for name, process in runs.items():
+        if process.wait(timeout=900) != 0:
+            pytest.fail(f"{name}: {(tmp / f'{name}.log').read_text()[-3000:]}")
+    yield {name: json.loads((tmp / name / "md5.json").read_text()) for name in runs}
+
+
+def locked_md5s() -> dict[str, str]:
+    """Output path -> md5 in the committed dvc.lock; a folder's is DVC's md5 of its listing (`.dir`)."""
+    lock = YAML(typ="safe").load((REPO / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def dir_md5(files: dict[str, str], folder: str) -> str:
+    """DVC 3's hash of a folder: the md5 of its sorted JSON listing of {md5, relpath}."""
+    import hashlib
+
+    listing = [
+        {"md5": m, "relpath": p[len(folder) + 1 :]} for p, m in sorted(files.items()) if p.startswith(folder + "/")
+    ]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+@pytest.mark.parametrize("cpu", ["native", *MODELS])
+def test_the_defaults_write_the_bytes_the_committed_lock_records(
+    md5s: dict[str, dict[str, dict[str, str]]], cpu: str
+) -> None:
+    got = md5s[cpu]["defaults"]
+    for path, md5 in locked_md5s().items():
+        actual = got[path] if path in got else dir_md5(got, path)
+        assert actual == md5, f"{cpu} ({MODELS.get(cpu, 'this machine')}): {path} differs from dvc.lock"
+
+
+@pytest.mark.parametrize("cpu", MODELS)
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "defaults"])
+def test_every_configuration_writes_the_same_bytes_as_natively(
+    md5s: dict[str, dict[str, dict[str, str]]], cpu: str, config: str
+) -> None:
+    native, emulated = md5s["native"][config], md5s[cpu][config]
+    differ = sorted(p for p in native if emulated.get(p) != native[p])
+    assert native.keys() == emulated.keys() and not differ, f"{config} on {MODELS[cpu]}: {differ} differ"
