@@ -7,6 +7,7 @@ P2 logging:      train stage at 1000 epochs with MLflow tracking / with PIPELINE
 P3 throughput:   time per epoch of the nn five-step loop / one torch pass computing sum x, sum y, sum xy, sum x^2.
 P4 memory:       peak RSS of each stage (its whole process tree) at N = 1e8 / the float32 data (x and y, 0.8 GB).
 P5 scaling:      each stage's wall time per sample at N = 1e8 / the same at N = 1e6.
+R cost:          P1, and P3 at 1e6 and 1e7, with the portable numerics / with PIPELINE_NUMERICS=native.
 
 Medians of repeated runs; the machine is shared, so compare the ratios, not the absolute times.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -153,6 +155,26 @@ def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
     return out
 
 
+def numerics_cost(repo: Path, n: int) -> dict[str, tuple[float, float]]:
+    """What the portable numerics cost (pipeline/numerics.py): {what: (portable, native)} seconds.
+
+    P1's edit->result, and P3's epoch at N = 1e6 (eager) and 1e7 (compiled), each measured with
+    PIPELINE_NUMERICS=portable and =native in turn, round after round, so that the machine's load moves both.
+    P3 runs in a process of its own for each: the libraries read the settings once, when they load."""
+    times: dict[str, list[float]] = {}
+    for i in range(n):
+        for mode in ("portable", "native"):
+            set_param(repo, "train.lr", f"0.{201 + 2 * i + (mode == 'native')}")  # new each time: no run cache
+            times.setdefault(f"P1 {mode}", []).append(run(repo, "dvc", "repro", PIPELINE_NUMERICS=mode))
+            env = pipeline_env(PIPELINE_NUMERICS=mode)
+            out = subprocess.run([sys.executable, __file__, "--p3-json"], env=env, capture_output=True, check=True)
+            for size, per_epoch in json.loads(out.stdout.decode().splitlines()[-1]).items():
+                times.setdefault(f"P3 N={float(size):.0e} {mode}", []).append(per_epoch)
+    set_param(repo, "train.lr", "0.1")
+    names = sorted({k.rsplit(" ", 1)[0] for k in times})
+    return {k: (statistics.median(times[f"{k} portable"]), statistics.median(times[f"{k} native"])) for k in names}
+
+
 def measured(cwd: Path, cmd: list[str], **extra: str) -> tuple[float, float]:
     """(wall seconds, peak RSS in bytes) of a command and every process it starts, summed.
 
@@ -250,12 +272,16 @@ def timed(f: Callable[[], object]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45"], action="append")
+    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45", "numerics"], action="append")
+    parser.add_argument("--p3-json", action="store_true", help=argparse.SUPPRESS)  # numerics_cost's subprocess
     parser.add_argument(
         "--large", type=float, default=1e8, help="the large N of P4/P5 (1e8; smaller to try it quickly)"
     )
     args = parser.parse_args()
-    only = set(args.only or ["p1", "p2", "p3", "p45"])
+    if args.p3_json:
+        print(json.dumps({n: r[0] for n, r in p3([1_000_000, 10_000_000], 20).items()}))
+        return 0
+    only = set(args.only or ["p1", "p2", "p3", "p45", "numerics"])
     rows: list[tuple[str, str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -325,6 +351,18 @@ def main() -> int:
                         f"{t_small / small * 1e6:.3f} at N={small:.0e} ({t_small:.1f} s)",
                         (t / large) / (t_small / small),
                         1.5,
+                        "<=",
+                    )
+                )
+        if "numerics" in only:
+            for what, (portable, native) in numerics_cost(repo, args.repeats).items():
+                unit, scale = ("s", 1) if what.startswith("P1") else ("ms/epoch", 1e3)
+                rows.append(
+                    (
+                        f"R cost {what}",
+                        f"portable numerics {portable * scale:.3f} {unit} / native {native * scale:.3f} {unit}",
+                        portable / native,
+                        1.10,
                         "<=",
                     )
                 )

@@ -80,6 +80,18 @@ def test_each_optimizer_lowers_the_loss(cfg: config.Config, name: str) -> None:
     assert loss[-1] < 0.1 * loss[0]
 
 
+def test_the_fused_adam_the_pipeline_uses_is_torchs_adam(cfg: config.Config) -> None:
+    # The oracle: torch's default (for-loop) Adam, one tensor at a time; fused is one kernel for the same update.
+    X, y = loop.as_arrays(*train_arrays(cfg), torch.float64)
+    model = loop.make_model(cfg.train.init_seed, 1, torch.float64)
+    reference = loop.NNLearner(model, X, y, "sgd", 0.05, 0.0)
+    reference.optimizer = torch.optim.Adam(reference.module.parameters(), lr=0.05, foreach=False)
+    fused = loop.make_learner("nn", loop.make_model(cfg.train.init_seed, 1, torch.float64), X, y, "adam", 0.05, 0.0)
+    assert fused.optimizer.defaults["fused"]  # type: ignore[attr-defined]
+    a, b = loop.fit(reference, len(X), 100), loop.fit(fused, len(X), 100)
+    np.testing.assert_allclose(b.values, a.values, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("method", loop.METHODS)
 def test_momentum_matches_torch_sgd_for_every_method(cfg: config.Config, method: str) -> None:
     reference = run(cfg, "nn", torch.float64, momentum=0.9, epochs=60)

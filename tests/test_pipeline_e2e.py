@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, tracking
+from pipeline import config, numerics, tracking
 from tests.conftest import REPO, logged_params, sh, yaml_params
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,11 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     m = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
     assert run.data.metrics["weight.closed_form"] == m["weight"]["closed_form"]
     assert run.data.tags["data_md5"] == run.inputs.dataset_inputs[0].dataset.digest
+    # The run says which numerics made its bytes: portable here, with each setting in force.
+    assert run.data.tags["numerics"] == ("portable" if numerics.portable_here() else "native")
+    assert {k: run.data.tags[f"numerics.{k}"] for k in numerics.PORTABLE} == (
+        numerics.PORTABLE if numerics.portable_here() else {k: "unset" for k in numerics.PORTABLE}
+    )
     assert run.data.tags["mlflow.source.git.commit"] == sh(repro_repo, "git", "rev-parse", "HEAD").stdout.strip()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"trajectory.csv", "metrics.json", "train.json", "plots"} <= artifacts
@@ -121,11 +126,16 @@ def test_misspelt_key_stops_the_stage_and_checkout_restores_its_outputs(repro_re
     assert "Running stage" not in sh(repro_repo, "dvc", "repro").stdout
 
 
+@pytest.mark.skipif(
+    not numerics.portable_here(),
+    reason="dvc.lock holds x86-64 bytes: other CPUs (Apple silicon, aarch64) have other kernels and no MKL",
+)
 def test_outputs_match_committed_lock(repro_repo: Path) -> None:
     pipeline_files = ("dvc.lock", "dvc.yaml", "params.yaml", "pipeline")
     if subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *pipeline_files], cwd=REPO).returncode != 0:
         pytest.skip("the pipeline has uncommitted changes here, so there is no committed dvc.lock to match")
-    # A fresh machine reproduces the very bytes recorded in dvc.lock: seeds, CSV floats and PNGs are stable.
+    # A fresh machine reproduces the very bytes recorded in dvc.lock, whatever its x86-64 CPU (pipeline/numerics.py;
+    # tests/test_cpus.py runs the stages on other CPUs).
     # If a code change is not yet reproduced here, this fails too: run `make repro` and commit dvc.lock.
     diff = sh(repro_repo, "git", "diff", "--unified=0", "dvc.lock").stdout
     assert diff == "", f"a fresh dvc repro does not reproduce the committed dvc.lock:\n{diff}"
