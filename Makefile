@@ -83,6 +83,9 @@ SWEEP ?= $(shell date +sweep-%Y%m%d-%H%M%S)
 GRID  ?= train.lr=0.01,0.05,0.1
 JOBS  ?= 2
 sweep: $(SETUP) ## Queue GRID (train.lr=0.01,0.05,0.1) as experiments, run them JOBS at a time, tag them sweep=SWEEP
+	@# DVC 3.67's queue writes the cache path into an ASCII-only config: every experiment fails in such a folder.
+	@! printf '%s' "$(CURDIR)" | LC_ALL=C grep -q '[^ -~]' || { echo "error: DVC's experiment queue fails in a \
+	folder whose path is not ASCII ($(CURDIR)): clone into one that is, or run dvc exp run -S ... one at a time" >&2; exit 2; }
 	dvc exp run --queue $(foreach g,$(GRID),-S '$(g)') -S 'tracking.sweep=$(SWEEP)'
 	dvc queue start -j $(JOBS)
 	@while dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 2; done

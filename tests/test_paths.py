@@ -147,3 +147,11 @@ def test_dvc_plots_show_finds_the_offline_page_in_the_folder(repro_repo: Path) -
     sh(repro_repo, "dvc", "plots", "show")
     page = (repro_repo / "dvc_plots/index.html").read_text(encoding="utf-8")
     assert "vega-embed" in page and 'src="http' not in page
+
+
+def test_make_sweep_in_a_non_ascii_folder_says_why_it_cannot_in_one_line(repro_repo: Path) -> None:
+    # DVC's queue itself fails there (an ASCII-only config file it writes); make says so before queueing anything.
+    out = sh(repro_repo, "make", "--no-print-directory", "-o", ".venv/.installed", "-o", PAGE, "sweep", check=False)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-2].startswith("error: DVC's experiment queue fails in a folder whose")
+    assert "dvc exp run" not in out.stdout, "nothing may be queued"
