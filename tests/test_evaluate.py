@@ -163,3 +163,15 @@ def test_above_the_scikit_learn_limit_the_reference_comes_from_moments_and_agree
     expected = np.linalg.lstsq(A, train.y.astype(np.float64), rcond=None)[0]
     np.testing.assert_allclose(small.params(), expected, rtol=1e-10)
     np.testing.assert_allclose(large.params(), expected, rtol=1e-10)
+
+
+def test_collinear_features_stop_evaluate_with_one_line_instead_of_a_wrong_closed_form(tmp_path: Path) -> None:
+    # Two columns that are the same feature to float32 precision: scikit-learn returns its minimum-norm
+    # answer, the moments' solve another; neither is "the" closed form, so the stage says so.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200).astype(np.float32)
+    X = np.column_stack([x, x + np.float32(1e-7) * rng.standard_normal(200).astype(np.float32)])
+    data.write_table(data.Table(X, (3 * x).astype(np.float32)), tmp_path / "t.parquet")
+    with pytest.raises(DataError, match="too close to collinear") as e:
+        evaluate.reference_fit(tmp_path / "t.parquet", evaluate.scan(tmp_path / "t.parquet").moments)
+    assert "\n" not in str(e.value)
