@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import safetensors.numpy
 
-from pipeline import cli, config, data, theory, tracking
+from pipeline import cli, config, data, numerics, theory, tracking
 from pipeline.config import GenerateParams
 from pipeline.data import trajectory_columns, weight_names
 from pipeline.errors import DataError, first_line
@@ -237,7 +237,9 @@ def evaluate_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tr
 
     # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
     model_md5 = md5_file(args.model)
-    with tracker.run(attach_to_model=model_md5, tags_if_new=tracking.provenance_tags("evaluate")) as run:
+    with tracker.run(
+        attach_to_model=model_md5, tags_if_new=tracking.provenance_tags("evaluate") | numerics.tags()
+    ) as run:
         # Not in metrics.json: the gap's last digits are the CPU's (reference_fit), the run may show them.
         gap = {} if sklearn_gap is None else {"closed_form.sklearn_gap": sklearn_gap}
         tracker.log_metrics(run, tracking.flatten(metrics) | gap)

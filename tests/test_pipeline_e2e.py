@@ -62,6 +62,7 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
         assert len(client.get_metric_history(run.info.run_id, series)) >= cfg.train.epochs
     m = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
     assert run.data.metrics["weight.closed_form"] == m["weight"]["closed_form"]
+    assert 0 <= run.data.metrics["closed_form.sklearn_gap"] <= 1e-9, "scikit-learn disagrees with the closed form"
     assert run.data.tags["data_md5"] == run.inputs.dataset_inputs[0].dataset.digest
     # The run says which numerics made its bytes: portable here, with each setting in force.
     assert run.data.tags["numerics"] == ("portable" if numerics.portable_here() else "native")
