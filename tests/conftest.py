@@ -138,7 +138,7 @@ def team_stack() -> Iterator[tuple[str, str]]:
             pytest.fail(str(e))
         pytest.skip(str(e))
     # Not under pytest's tmp_path: its folders are private to this user, and PostgreSQL runs as `postgres`.
-    folder = Path(tempfile.mkdtemp(prefix="team-"))
+    folder = Path(tempfile.mkdtemp(prefix="team ü-"))  # a space and a non-ASCII letter, as users' folders have
     folder.chmod(0o755)
     port = free_port()
     try:

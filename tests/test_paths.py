@@ -155,3 +155,10 @@ def test_make_sweep_in_a_non_ascii_folder_says_why_it_cannot_in_one_line(repro_r
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-2].startswith("error: DVC's experiment queue fails in a folder whose")
     assert "dvc exp run" not in out.stdout, "nothing may be queued"
+
+
+def test_one_experiment_at_a_time_works_in_the_folder(repro_repo: Path) -> None:
+    # What make sweep's error offers instead of the queue.
+    out = sh(repro_repo, "dvc", "exp", "run", "-S", "train.lr=0.05").stdout
+    assert "Running stage 'train'" in out
+    assert "0.05" in sh(repro_repo, "dvc", "exp", "show", "--csv").stdout
