@@ -25,11 +25,8 @@ def dot(a: Iterable[float] | np.ndarray, b: Iterable[float] | np.ndarray) -> flo
 
 
 def row_dot(X: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """X @ w for an (N, k) table, one column at a time in a fixed order: no BLAS kernel chooses the order."""
-    X = np.asarray(X).reshape(len(X), -1)
-    out: np.ndarray = X[:, 0] * w[0]
-    for j in range(1, X.shape[1]):
-        out = out + X[:, j] * w[j]
+    """X @ w for an (N, k) table, summed by numpy along each row: no BLAS kernel chooses the order."""
+    out: np.ndarray = (np.asarray(X).reshape(len(X), -1) * w).sum(axis=1)
     return out
 
 
@@ -106,7 +103,7 @@ class Moments:
         """Sum of squared residuals of `fit`: v^T C v + n m^2, with v = (w, -1) and m the mean residual."""
         v = np.append(fit.weights, -1.0)
         m = dot(self.mean[:-1], fit.weights) + fit.bias - float(self.mean[-1])
-        quadratic = dot([v[i] * v[j] for i in range(len(v)) for j in range(len(v))], self.comoment.reshape(-1))
+        quadratic = dot(np.outer(v, v).ravel(), self.comoment.ravel())  # v^T C v
         return quadratic + self.n * m * m
 
     def mse(self, fit: LineFit) -> float:
