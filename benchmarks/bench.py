@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import copy_repo, mlflow_server, pipeline_env, team_stack  # noqa: E402  (needs the path)
+from tests import stages_once  # noqa: E402  (needs the path)
+from tests.conftest import copy_repo, mlflow_server, pipeline_env, team_stack  # noqa: E402
 
 
 def run(cwd: Path, *cmd: str, **extra: str) -> float:
@@ -211,22 +212,9 @@ def measured(cwd: Path, cmd: list[str], **extra: str) -> tuple[float, float]:
 
 
 def stage_commands(folder: Path) -> dict[str, list[str]]:
-    """The three stages with the paths dvc.yaml gives them, under `folder`."""
-    f = str(folder)
-    py = [sys.executable, "-m"]
-    params = ["--params", f"{f}/params.yaml"]
-    t = ["--model", f"{f}/model.safetensors", "--trajectory", f"{f}/trajectory.csv"]
-    return {
-        "generate": [*py, "pipeline.generate", *params, "--train", f"{f}/train.parquet", "--test", f"{f}/test.parquet"],
-        "train": [*py, "pipeline.train", *params, "--data", f"{f}/train.parquet", *t, "--metrics", f"{f}/train.json"],
-        "evaluate": [
-            *py,
-            "pipeline.evaluate",
-            *params,
-            *("--train-data", f"{f}/train.parquet", "--test-data", f"{f}/test.parquet", *t),
-            *("--train-metrics", f"{f}/train.json", "--metrics", f"{f}/metrics.json", "--plots", f"{f}/plots"),
-        ],
-    }
+    """The three stages as dvc.yaml runs them, with their paths and params.yaml under `folder`."""
+    commands = stages_once.stage_commands(folder, folder / "params.yaml")
+    return {stage: [sys.executable, "-m", *args] for stage, args in commands.items()}
 
 
 def p4_p5(repo: Path, tmp: Path, sizes: list[int]) -> dict[int, dict[str, tuple[float, float]]]:

@@ -48,7 +48,8 @@ def analyse(
     end = theory.LineFit(traj.weights()[-1].astype(np.float64), float(traj.column("bias")[-1]))
     path = np.column_stack([traj.weights(), traj.column("bias")]).astype(np.float64)
     distances = np.linalg.norm(path - optimum.params(), axis=1)
-    d0 = math.sqrt(theory.dot(start.params() - optimum.params(), start.params() - optimum.params()))
+    offset = start.params() - optimum.params()
+    d0 = math.sqrt(theory.dot(offset, offset))
     # The contraction bound is exact for plain full-batch gradient descent only.
     plain_gd = p.optimizer == "sgd" and p.momentum == 0 and p.batch_size is None
     gradient_gap = max(
