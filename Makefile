@@ -94,7 +94,7 @@ sweep: $(SETUP) ## Queue GRID (train.lr=0.01,0.05,0.1) as experiments, run them 
 	dvc exp show --no-pager
 	@echo "MLflow: make ui, then filter the runs with tags.sweep = '$(SWEEP)'"
 
-screenshots: $(SETUP) browser ## Regenerate the README's pictures (docs/images/) with the browser tests
+screenshots: $(SETUP) browser ## Regenerate the pictures of README.md and docs/ (docs/images/) with the browser tests
 	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py
 
 # The benchmark runs the pipeline in copies of the repository, plot page included (tests/conftest.py copy_repo).

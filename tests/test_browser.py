@@ -2,7 +2,7 @@
 the page `dvc plots show` writes.
 
 Screenshots land in test-artifacts/ (TEST_ARTIFACTS to change it; `make screenshots` puts them in docs/images/
-for the README).
+for the README and docs/).
 """
 
 from __future__ import annotations
