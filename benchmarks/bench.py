@@ -136,7 +136,7 @@ def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
     import numpy as np
     import torch
 
-    from pipeline import loop
+    from pipeline import loop, tuning
 
     torch.set_num_threads(1)  # the pipeline's default (train.threads)
     out = {}
@@ -147,7 +147,7 @@ def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
         floor = sufficient_statistics_time(xt, yt)
         X, Y = loop.as_arrays(x, y)
-        compiled = loop.should_compile("auto", "nn", n, 1000)
+        compiled = tuning.should_compile("auto", "nn", n, 1000)
         learner = loop.make_learner("nn", loop.make_model(0), X, Y, "sgd", 0.1, 0.0, compiled)
         loop.fit(learner, n, 2)  # warm-up (and compilation)
         # The median of three runs, like the floor's median: one run can land on another process's burst.

@@ -51,8 +51,8 @@ def exit_now(code: int) -> NoReturn:
     """End a stage's process with `code`, skipping the interpreter's teardown.
 
     By the time main() returns, every output is on disk (written atomically and fsync'd, pipeline/io.py) and
-    the MLflow run has ended (the stage waits for its worker). What is left is Python freeing its modules:
-    ~0.4 s with torch loaded, ~0.7 s once torch.optim has imported torch._dynamo, on every train run. Only
+    the MLflow run has ended (the stage waits for its worker). What is left is Python freeing its modules, a
+    large share of a train run once torch.optim has imported torch._dynamo (docs/performance.md). Only
     `python -m pipeline.<stage>` calls this; main() itself returns, so callers in the same process (the
     tests) are unaffected.
     """

@@ -229,3 +229,19 @@ def write_csv(frame: pd.DataFrame, path: str | Path) -> None:
     pandas writes floats in their shortest round-trip form: reading back gives the same bits.
     """
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False, lineterminator="\n"))
+
+
+def read_trajectory(path: str | Path, n_features: int) -> dict[str, np.ndarray]:
+    """The trajectory CSV train wrote, column by column."""
+    import pandas as pd  # only here and in write_csv's caller: evaluate reads tables without it
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such trajectory file (run `dvc repro` to create it)")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable trajectory CSV: {first_line(e)}") from None
+    if list(df.columns) != trajectory_columns(n_features) or len(df) == 0:
+        raise DataError(f"{path}: expected a trajectory with columns {trajectory_columns(n_features)}")
+    return {c: df[c].to_numpy() for c in df.columns}

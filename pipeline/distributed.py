@@ -39,7 +39,7 @@ def device(setting: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("train.device = 'cuda': no CUDA device is available here (use auto or cpu)")
-    # cuBLAS needs this for its deterministic algorithms (set_deterministic), before CUDA starts.
+    # cuBLAS needs this for its deterministic algorithms (tuning.set_deterministic), before CUDA starts.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     # More ranks than GPUs share them (and then talk through gloo: NCCL wants one GPU per rank).
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
@@ -54,6 +54,25 @@ def shard(n: int, rank: int, size: int) -> slice:
         )
     per = n // size
     return slice(rank * per, (rank + 1) * per)
+
+
+def place(method: str, setting: str, batch_size: int | None, n: int, source: str) -> tuple[torch.device, slice]:
+    """Where this process trains (train.device, for the nn method) and on which rows: all of them, or under
+    torchrun this rank's shard, with the process group started."""
+    import torch
+
+    dev = device(setting) if method == "nn" else torch.device("cpu")
+    rank, size = world()
+    if size == 1:
+        return dev, slice(None)
+    if method != "nn" or batch_size is not None:
+        raise ConfigError(
+            f"{source}: under torchrun, train runs method nn on full batches (train.method = {method!r}, "
+            f"train.batch_size = {batch_size!r})"
+        )
+    rows = shard(n, rank, size)
+    start(dev)
+    return dev, rows
 
 
 def start(dev: torch.device) -> None:

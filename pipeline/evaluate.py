@@ -7,28 +7,23 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import safetensors.numpy
 
-from pipeline import cli, config, data, numerics, theory, tracking
+from pipeline import cli, config, data, record, theory, tracking
 from pipeline.config import GenerateParams
-from pipeline.data import trajectory_columns, weight_names
+from pipeline.data import weight_names
 from pipeline.errors import DataError, first_line
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 from pipeline.theory import LineFit
-
-# pandas and matplotlib (~0.5 s) are imported where they are used, after the tracking worker has started: it
-# imports MLflow on the other core meanwhile.
-if TYPE_CHECKING:
-    import pandas as pd
 
 
 def load_line(path: str | Path) -> LineFit:
     """The trained nn.Linear(k, 1) as a LineFit, read from safetensors: no pickle, so no code can run.
 
-    safetensors.numpy also spares this stage the import of torch (~1 s).
+    safetensors.numpy also spares this stage the import of torch.
     """
     path = Path(path)
     if not path.is_file():
@@ -50,21 +45,6 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def read_trajectory(path: str | Path, n_features: int) -> pd.DataFrame:
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such trajectory file (run `dvc repro` to create it)")
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a readable trajectory CSV: {first_line(e)}") from None
-    if list(df.columns) != trajectory_columns(n_features) or len(df) == 0:
-        raise DataError(f"{path}: expected a trajectory with columns {trajectory_columns(n_features)}")
-    return df
-
-
 SKLEARN_MAX_ROWS = 10_000_000  # above this, a float64 copy for scikit-learn would break the memory target
 
 
@@ -76,12 +56,9 @@ class Scan:
     sample: data.Table
 
 
-def scan(path: str | Path, max_rows: int | None = None) -> Scan:
+def scan(path: str | Path, max_rows: int) -> Scan:
     """Read a table one row group at a time: memory stays flat whatever its size. The sample has at most
-    max_rows rows (default: as many as a scatter plot draws)."""
-    from pipeline import plots
-
-    max_rows = max_rows or plots.MAX_POINTS
+    max_rows rows (as many as a scatter plot draws)."""
     step = max(1, -(-data.count_rows(path) // max_rows))
     total: theory.Moments | None = None
     picked: list[data.Table] = []
@@ -161,93 +138,39 @@ def compute_metrics(
     }
 
 
-def figures(
-    train: Scan,
-    test: Scan,
-    trajectory: pd.DataFrame,
-    init: dict[str, float],
-    convergence: dict[str, Any],
-    stability: dict[str, Any],
-    learned: LineFit,
-    closed: LineFit,
-    true: LineFit,
-) -> dict[str, bytes]:
-    """The evaluation's PNGs, by file name."""
-    from pipeline import plots
-
-    names = weight_names(train.moments.k)
-    epochs = trajectory["epoch"].to_numpy()
-    # The optimiser's path through (first weight, bias), starting from the random initialisation.
-    path_w = np.concatenate(([init[names[0]]], trajectory[names[0]].to_numpy()))
-    path_b = np.concatenate(([init["bias"]], trajectory["bias"].to_numpy()))
-    params = np.column_stack([trajectory[n].to_numpy() for n in [*names, "bias"]]).astype(np.float64)
-    start = np.array([init[n] for n in [*names, "bias"]])
-    distances = np.linalg.norm(np.vstack([start, params]) - closed.params(), axis=1)
-    lines = {"learned": learned, "closed form": closed, "true": true}
-    return {
-        "fit.png": plots.fit_plot(train.sample.X, train.sample.y, test.sample.X, test.sample.y, lines),
-        "loss.png": plots.loss_plot(epochs, trajectory["loss"].to_numpy(), train.moments.mse(closed)),
-        "params.png": plots.params_plot(epochs, {n: trajectory[n].to_numpy() for n in [*names, "bias"]}, closed, true),
-        "landscape.png": plots.landscape_plot(train.moments, closed, true, path_w, path_b, names[0]),
-        "convergence.png": plots.convergence_plot(
-            distances, convergence["tolerance"], stability["contraction"], convergence.get("predicted_epochs")
-        ),
-    }
-
-
 def evaluate(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
-    # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
-    # Leaving the block stops a worker that never got a run (the stage failed its checks).
+    # First, so that the worker's start-up (it imports MLflow) overlaps all that follows; a server that does not
+    # answer fails here. Leaving the block stops a worker that never got a run (the inputs failed their checks).
     with tracking.connect(cfg.tracking.experiment) as tracker:
-        evaluate_and_write(args, cfg, tracker)
+        from pipeline import plots  # the one deferred import: matplotlib, while the worker imports MLflow
 
+        train, test = scan(args.train_data, plots.MAX_POINTS), scan(args.test_data, plots.MAX_POINTS)
+        learned = load_line(args.model)
+        k = len(learned.weights)
+        if train.moments.k != k or test.moments.k != k:
+            raise DataError(f"{args.model}: has {k} weight(s), the tables have {train.moments.k} feature column(s)")
+        trajectory = data.read_trajectory(args.trajectory, k)
+        train_metrics = read_json(args.train_metrics)
+        tracker.open()  # the inputs are fine: the worker may open the store while the closed form and plots run
 
-def evaluate_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:
-    train = scan(args.train_data)
-    test = scan(args.test_data)
-    learned = load_line(args.model)
-    k = len(learned.weights)
-    if train.moments.k != k or test.moments.k != k:
-        raise DataError(f"{args.model}: has {k} weight(s), the tables have {train.moments.k} feature column(s)")
-    trajectory = read_trajectory(args.trajectory, k)
-    train_metrics = read_json(args.train_metrics)
-    tracker.open()  # the inputs are fine: the worker may open the store while the closed form and plots run
+        closed, sklearn_gap = reference_fit(args.train_data, train.moments)
+        metrics = compute_metrics(cfg.generate, learned, closed, train.moments, test.moments)
+        true = LineFit(np.asarray(cfg.generate.true_weights), cfg.generate.b_true)
+        lines = {"learned": learned, "closed form": closed, "true": true}
+        pngs = plots.figures(train.moments, train.sample, test.sample, trajectory, train_metrics, lines)
+        write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
+        for name, png in pngs.items():
+            write_bytes_atomic(Path(args.plots) / name, png)
 
-    closed, sklearn_gap = reference_fit(args.train_data, train.moments)
-    metrics = compute_metrics(cfg.generate, learned, closed, train.moments, test.moments)
-    names = weight_names(k)
-    true = LineFit(np.asarray(cfg.generate.true_weights), cfg.generate.b_true)
-    pngs = figures(
-        train,
-        test,
-        trajectory,
-        train_metrics["init"],
-        train_metrics["convergence"],
-        train_metrics["stability"],
-        learned,
-        closed,
-        true,
-    )
-
-    write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
-    plot_dir = Path(args.plots)
-    for name, png in pngs.items():
-        write_bytes_atomic(plot_dir / name, png)
-
-    # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
-    model_md5 = md5_file(args.model)
-    with tracker.run(
-        attach_to_model=model_md5, tags_if_new=tracking.provenance_tags("evaluate") | numerics.tags()
-    ) as run:
-        # Not in metrics.json: the gap's last digits are the CPU's (reference_fit), the run may show them.
-        gap = {} if sklearn_gap is None else {"closed_form.sklearn_gap": sklearn_gap}
-        tracker.log_metrics(run, tracking.flatten(metrics) | gap)
-        tracker.log_artifact(run, args.metrics)
-        for name in pngs:
-            tracker.log_artifact(run, plot_dir / name, "plots")
-    for label, line in (("learned", learned), ("closed form", closed), ("true", true)):
-        values = "  ".join(f"{n}={v:.6g}" for n, v in zip([*names, "bias"], line.params(), strict=True))
+        # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
+        with tracker.run(attach_to_model=md5_file(args.model), tags_if_new=record.evaluate_tags()):
+            tracker.log_metrics(record.eval_metrics(metrics, sklearn_gap))
+            tracker.log_artifact(args.metrics)
+            for name in pngs:
+                tracker.log_artifact(Path(args.plots) / name, "plots")
+    for label, line in lines.items():
+        values = "  ".join(f"{n}={v:.6g}" for n, v in zip([*weight_names(k), "bias"], line.params(), strict=True))
         cli.log.info("%-11s %s", label, values)
 
 

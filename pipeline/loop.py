@@ -5,6 +5,8 @@ The same update, written at three levels of abstraction (train.method):
 - autograd: plain tensors with requires_grad=True; autograd computes the gradient, we do the rest;
 - numpy:    the gradient derived by hand, dL/dw = 2/N X^T (y_pred - y), dL/db = 2/N sum(y_pred - y).
 With the same start, data and learning rate they produce the same trajectory (tests/test_lessons.py).
+What makes the nn step fast without changing what it computes (compiling it, the data's layout) is kept apart,
+in pipeline/tuning.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ import torch
 from torch import nn, optim
 from tqdm import tqdm
 
+from pipeline import tuning
 from pipeline.config import METHODS  # noqa: F401  (re-exported: the methods this module implements)
 from pipeline.data import trajectory_columns
 
@@ -107,65 +109,6 @@ class Learner(Protocol):
     def params(self) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-TrainStep = Callable[[nn.Module, nn.Module, optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def compiled_train_step() -> TrainStep:
-    """train_step through torch.compile: the same five steps, fused into two passes over the data.
-
-    At large N the step is bound by memory traffic, and two settings decide it (P3 in benchmarks/bench.py, N = 1e7,
-    one thread, 2-core machine; the floor, one torch pass for sum x, sum y, sum xy, sum x^2, takes ~4.5 ms):
-    - Inductor rewrites nn.Linear's two matrix products as fused multiply-and-sum loops. As BLAS calls, the forward
-      X @ W.T writes an (N, 1) result and the weight gradient, a (1, N) @ (N, 1) product, runs ~10x slower than a
-      dot product; without the rewrite the compiled step takes ~43 ms.
-    - The partitioner is told to save no activation: the backward recomputes the residual X @ W.T + b - y from X and
-      y instead of keeping 2/N (y_pred - y) from the forward. That saved tensor was a fresh N-row buffer every step,
-      and allocating it (page faults on memory that malloc returns to the OS) cost ~11 ms of a 23 ms step. Now the
-      forward is one pass over x, y (the loss) and the backward one more (sum of r*x and of r): ~5 ms.
-    Both are compile-time settings that torch reads while compiling, which happens on the first call and on any
-    recompilation (a new batch shape): the returned step applies them around each call, leaving the rest of the
-    process unchanged. That costs ~15 us per call, noise at the sizes that compile (should_compile).
-    """
-    import torch._functorch.config as functorch_config
-    from torch._inductor.fx_passes import decompose_mem_bound_mm
-
-    # Both products of nn.Linear(k, 1) are memory-bound (one side is k x 1), so decompose them at any size.
-    limit = 2**62
-    decompose_all: dict[str, Any] = {
-        "cpu_max_first_dimension_decomposition": limit,
-        "cpu_max_other_dimension_decomposition": limit,
-    }
-    options: dict[str, Any] = {"post_grad_fusion_options": {"decompose_mm_pass": decompose_all}}
-    torch.use_deterministic_algorithms(True)  # also turns on inductor's deterministic mode
-    compiled = torch.compile(train_step, options=options)
-
-    def step(
-        model: nn.Module, criterion: nn.Module, optimizer: optim.Optimizer, X: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
-        # The pass copies its limits from the inductor options only when its module is first imported: patch both.
-        with (
-            functorch_config.patch(activation_memory_budget=0.0),
-            mock.patch.multiple(decompose_mem_bound_mm, **decompose_all),
-        ):
-            return compiled(model, criterion, optimizer, X, y)
-
-    return step
-
-
-def column_major(X: torch.Tensor) -> torch.Tensor:
-    """One feature (N, 1) as the transpose of an (N,) row: the same memory and values, strides (1, N) not (1, 1).
-
-    The strides of a size-1 dimension change no element's address, but MKL's gemm takes an (N, 1) operand with
-    strides (1, 1) as row-major with leading dimension 1, and there nn.Linear's weight gradient, a (1, N) @ (N, 1)
-    product, runs ~9x slower than a dot product (0.76 vs 0.085 ms at N = 1e6, one thread) and the forward
-    X @ W.T ~3x slower. As a column-major operand both take BLAS's fast path: the eager step at N = 1e6 goes
-    from ~2.1 to ~1.3 ms. Several features keep their row-major layout (a column-major copy would double X).
-    """
-    if X.shape[1] != 1:
-        return X
-    return X.reshape(1, -1).T
-
-
 class NNLearner:
     def __init__(
         self,
@@ -186,8 +129,8 @@ class NNLearner:
         self.model = wrap(self.module) if wrap else self.module
         self.criterion = nn.MSELoss()
         self.optimizer = make_optimizer(optimizer, list(self.module.parameters()), lr, momentum)
-        self.X, self.y = column_major(torch.from_numpy(X).to(device)), torch.from_numpy(y).to(device)
-        self.train_step: TrainStep = compiled_train_step() if compile else train_step
+        self.X, self.y = tuning.column_major(torch.from_numpy(X).to(device)), torch.from_numpy(y).to(device)
+        self.train_step: tuning.TrainStep = tuning.compiled_train_step(train_step) if compile else train_step
         self.average = average
 
     def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -273,8 +216,8 @@ def batches(n: int, batch_size: int | None, rng: np.random.Generator) -> Iterato
     if batch_size is None or batch_size >= n:
         yield slice(None)
         return
-    # rng.permutation(n), shuffled in place in int32 when that fits: the same order, in half the memory (at
-    # 8e7 training rows 0.32 GB instead of 0.64 GB, as much as the float32 table itself).
+    # rng.permutation(n), shuffled in place in int32 when that fits: the same order, in half the memory (in
+    # int64 the order alone would take as much memory as a one-feature float32 table).
     order = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
     rng.shuffle(order)
     for start in range(0, n, batch_size):
@@ -304,32 +247,6 @@ def make_learner(
     raise ValueError(f"unknown method {method!r}")
 
 
-def should_compile(setting: str, method: str, rows_per_step: int, epochs: int) -> bool:
-    """train.compile: on, off, or auto: compile the nn step when the work is large enough to repay compiling.
-
-    Compiling costs 2-10 s once. Per step (one feature, one thread) the compiled step saves ~0.8 ms at 1e6 rows
-    (eager 1.2 ms, compiled 0.4 ms) and ~55 ms at 1e7 (60 vs 5 ms: eager allocates N-row temporaries, and above
-    malloc's 32 MB mmap threshold each one costs fresh pages); at 1e5 rows the compiled step's fixed ~0.2 ms per
-    call makes it slower than eager (0.17 ms), and the two break even near 3e5.
-    """
-    if setting != "auto":
-        return setting == "on"
-    return method == "nn" and rows_per_step >= 300_000 and rows_per_step * epochs >= 3_000_000_000
-
-
-def set_deterministic() -> None:
-    """Deterministic kernels for eager torch. torch.use_deterministic_algorithms(True) sets the same ATen switch
-    and also imports torch._inductor (~1 s) for compiled code; compiled_train_step calls it in full."""
-    torch._C._set_deterministic_algorithms(True)
-
-
-# How often fit() hands the growing trajectory to on_epochs: each second, for a live curve in the MLflow UI,
-# or each 1000 epochs, one full MLflow request per series. Smaller pieces cost more than they save: every
-# request has a fixed cost (~5 ms on SQLite, ~50 ms to a server), and 100-epoch pieces made a 1000-epoch
-# run log 0.2 s (SQLite) to 0.4 s (server) slower.
-STREAM_EPOCHS, STREAM_SECONDS = 1000, 1.0
-
-
 def fit(
     learner: Learner,
     n: int,
@@ -338,12 +255,14 @@ def fit(
     shuffle_seed: int = 0,
     progress: bool = False,
     on_epochs: Callable[[int, np.ndarray], object] | None = None,
+    stream_epochs: int = tuning.STREAM_EPOCHS,
+    stream_seconds: float = tuning.STREAM_SECONDS,
 ) -> Trajectory:
     """Run `epochs` epochs and record the trajectory; stop early at the first non-finite loss.
 
     progress: show a progress bar on stderr (the caller decides: only on a terminal).
     on_epochs(first_epoch, rows): the trajectory as it grows, the rows of Trajectory.values from first_epoch on,
-    handed over every STREAM_EPOCHS epochs or STREAM_SECONDS, and at the end: so that a long run can be logged
+    handed over every stream_epochs epochs or stream_seconds, and at the end: so that a long run can be logged
     while it trains.
     """
     w0, b0 = learner.params()
@@ -375,7 +294,7 @@ def fit(
         if not math.isfinite(loss_sum):
             diverged_at = epoch
             break
-        if len(rows) - sent >= STREAM_EPOCHS or time.monotonic() - last_sent >= STREAM_SECONDS:
+        if len(rows) - sent >= stream_epochs or time.monotonic() - last_sent >= stream_seconds:
             hand_over()
     hand_over()
     values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, 2 * k + 3), dtype)
@@ -386,7 +305,7 @@ def as_arrays(x: np.ndarray, y: np.ndarray, dtype: torch.dtype = torch.float32) 
     """Features (N,) or (N, k) and targets (N,) -> the (N, k) and (N, 1) arrays every method trains on.
 
     No copy when the data already has the dtype and is a writable, contiguous array (a table read from
-    disk): at N = 1e8 a copy would be another 0.8 GB.
+    disk): a copy would hold a large table in memory twice.
     """
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
     X = np.require(x, np_dtype, ["C", "W"]).reshape(len(x), -1)

@@ -8,9 +8,9 @@ pinned requirements. Load it anywhere with
     model.predict(pandas.DataFrame({"x": [1.5, 2.0]}))       # -> what the nn.Linear outputs: about 3 * x
 
 The file stands alone, because a logged model must load without this repository. It computes what nn.Linear's
-forward computes, x W^T + b, in NumPy: serving the model then needs numpy and safetensors, not torch (1 GB),
+forward computes, x W^T + b, in NumPy: serving the model then needs numpy and safetensors, not torch,
 and MLflow's check that the logged model serves its input example does not import torch into the stage's
-tracking worker (~1 s on every train run). tests/test_tracking.py holds its predictions to the nn.Linear's.
+tracking worker (docs/pipeline.md, "Using the model"). tests/test_tracking.py holds its predictions to the nn.Linear's.
 No stage imports this file: MLflow executes it, and `set_model` at the end is how MLflow finds the model.
 """
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.data import Table, weight_names
 from pipeline.theory import LineFit, Moments, mse_grid
 
 # Figures are built with matplotlib's object API, not pyplot: no global figure state, no GUI backend.
 
 
 def _png(fig: Figure, left: float = 0.12, right: float = 0.97, bottom: float = 0.12, top: float = 0.91) -> bytes:
-    # Fixed margins instead of tight_layout, which measured 0.14 s a figure: most of this stage's plotting.
+    # Fixed margins instead of tight_layout, which took most of this stage's plotting (docs/performance.md).
     fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
     buf = io.BytesIO()
     # No "Software" metadata: it carries matplotlib's version; the bytes should depend on the data only.
@@ -133,3 +135,36 @@ def convergence_plot(distances: np.ndarray, tol: float, contraction: float, pred
     ax.set(xlabel="epoch", ylabel="distance to the optimum", title="Convergence: theory vs observed")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def figures(
+    train: Moments,
+    train_sample: Table,
+    test_sample: Table,
+    trajectory: dict[str, np.ndarray],
+    train_metrics: dict[str, Any],
+    lines: dict[str, LineFit],
+) -> dict[str, bytes]:
+    """The evaluation's PNGs, by file name. lines: "learned", "closed form" and "true"; train_metrics: train.json."""
+    init, convergence = train_metrics["init"], train_metrics["convergence"]
+    closed, true = lines["closed form"], lines["true"]
+    names = weight_names(train.k)
+    epochs = trajectory["epoch"]
+    # The optimiser's path through (first weight, bias), starting from the random initialisation.
+    path_w = np.concatenate(([init[names[0]]], trajectory[names[0]]))
+    path_b = np.concatenate(([init["bias"]], trajectory["bias"]))
+    params = np.column_stack([trajectory[n] for n in [*names, "bias"]]).astype(np.float64)
+    start = np.array([init[n] for n in [*names, "bias"]])
+    distances = np.linalg.norm(np.vstack([start, params]) - closed.params(), axis=1)
+    return {
+        "fit.png": fit_plot(train_sample.X, train_sample.y, test_sample.X, test_sample.y, lines),
+        "loss.png": loss_plot(epochs, trajectory["loss"], train.mse(closed)),
+        "params.png": params_plot(epochs, {n: trajectory[n] for n in [*names, "bias"]}, closed, true),
+        "landscape.png": landscape_plot(train, closed, true, path_w, path_b, names[0]),
+        "convergence.png": convergence_plot(
+            distances,
+            convergence["tolerance"],
+            train_metrics["stability"]["contraction"],
+            convergence.get("predicted_epochs"),
+        ),
+    }

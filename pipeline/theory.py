@@ -136,7 +136,7 @@ def cross_products(D: np.ndarray) -> np.ndarray:
 
 def closed_form(X: np.ndarray, y: np.ndarray) -> LineFit:
     """scikit-learn's least-squares fit: the exact minimiser of the training MSE."""
-    from sklearn.linear_model import LinearRegression  # 1 s to import: only the stages that need it pay
+    from sklearn.linear_model import LinearRegression  # slow to import: only the stages that need it pay
 
     X = np.asarray(X, dtype=np.float64)
     reg = LinearRegression().fit(X.reshape(len(X), -1), np.asarray(y, dtype=np.float64))

@@ -1,57 +1,41 @@
-"""Where the MLflow store is, and the stage's side of tracking: a proxy that hands every MLflow call to a worker.
+"""Where the MLflow store is, and the stage's side of tracking: every MLflow call goes to a worker process.
 
-MLflow itself is imported only in `pipeline.tracking_worker`, a process of its own that `connect()` starts at
-once. Importing MLflow (~1 s) and opening a SQLite store (~0.8 s) then run on the second core while the stage
-imports its libraries, trains and plots, instead of on the stage's critical path. Calls on the Tracker only
-queue a command and return; the end of `Tracker.run()` waits until the worker has logged everything, and turns
-any failure there into a one-line TrackingError.
+MLflow is imported only in `pipeline.tracking_worker`, a `multiprocessing` Process that `connect()` starts at
+once: importing MLflow and opening the store run on the other core while the stage works (docs/tracking.md).
+A logging call queues a command and returns; the end of a run waits until the worker has logged everything.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import logging
+import multiprocessing
 import os
-import pickle
-import secrets
-import select
-import shutil
 import signal
-import struct
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from pipeline.errors import TrackingError, first_line
+from pipeline.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "mlruns"  # under the repository root: mlruns/mlflow.db and mlruns/artifacts/
-MODEL_TAG = "model_md5"  # the key that ties evaluate to the run train created
-WORKER_MODULE = "pipeline.tracking_worker"
-# MLflow's own tag names (mlflow.utils.mlflow_tags; tests/test_tracking.py checks they still match), spelt out
-# here so that the stage need not import MLflow for two strings.
-SOURCE_NAME_TAG = "mlflow.source.name"
-GIT_COMMIT_TAG = "mlflow.source.git.commit"
-REPLY_HEADER = struct.Struct("!I")  # each reply is its pickled length, then the pickle
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
 
 
 def project_root(cwd: Path | None = None) -> Path:
     """The repository root, also when DVC runs a stage in an experiment's temporary copy.
 
-    Queued and --temp experiments run in <root>/.dvc/tmp/exps/[standalone/]tmpXXXX; relative paths there
-    would scatter runs over throw-away folders, so the store is anchored to the real root.
-    """
+    Queued and --temp experiments run in <root>/.dvc/tmp/exps/[standalone/]tmpXXXX: the store stays at the
+    real root, not scattered over throw-away folders."""
     here = (cwd or Path.cwd()).resolve()
     parts = here.parts
     for i in range(len(parts) - 2):
@@ -79,7 +63,7 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 @contextmanager
-def _store_lock(uri: str) -> Iterator[None]:
+def store_lock(uri: str) -> Iterator[None]:
     """Serialise first use of a SQLite store: concurrent schema migrations of a new database file fail."""
     db = sqlite_path(uri)
     if db is None:
@@ -91,195 +75,157 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-@dataclass
-class Run:
-    """The stage's handle on a run: usable at once, while the worker creates the run.
+class Channel(Protocol):
+    """How a Tracker reaches its store: through a worker process (Worker), or not at all (Offline)."""
 
-    `id` stays None until the worker reports the run it made; at the latest, that is when the run ends.
-    """
+    pid: int | None
+    run_id: str | None  # the run the worker made or reopened, once it has said so
 
-    id: str | None = None
+    def send(self, command: str, *args: Any) -> None: ...  # queue one command; returns at once
+    def ask(self, command: str, *args: Any) -> Any: ...  # run one command, wait for what it returns
+    def end(self, status: str) -> None: ...  # end the run, wait for everything to be logged; TrackingError if not
+    def close(self) -> None: ...  # let a worker with no run go
 
 
-class _Worker:
-    """The worker process as the stage sees it: commands go to its stdin, replies come back on a pipe of
-    their own, so nothing MLflow prints (it logs to stderr; the worker sends stdout there too) can mix in."""
+class Offline:
+    """PIPELINE_TRACKING=off, or a torchrun rank but 0: the same calls, recorded nowhere, and no process."""
+
+    pid: int | None = None
+    run_id: str | None = None
+
+    def __init__(self, uri: str, experiment: str) -> None: ...
+    def send(self, command: str, *args: Any) -> None: ...
+    def ask(self, command: str, *args: Any) -> Any: ...  # None: nothing was recorded, so nothing is found
+    def end(self, status: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Worker:
+    """The worker process as the stage sees it: commands go down one pipe, its replies come up another."""
 
     def __init__(self, uri: str, experiment: str) -> None:
-        # The stage may delete or rewrite a file right after logging it, so log_artifact snapshots the file
-        # into this folder, which the worker removes when it exits. Made at the first artifact only: a worker
-        # killed with its stage (SIGKILL to the group) cannot clean up, and most of them die before any artifact.
-        self.staging = Path(tempfile.gettempdir()) / f"pipeline-artifacts-{secrets.token_hex(8)}"
-        reply_read, reply_write = os.pipe()
-        # -P and PYTHONPATH: the worker imports this very package, not whatever `pipeline` the current folder or
-        # an editable install of another checkout would give it.
-        package_root = str(Path(__file__).resolve().parents[1])
-        pythonpath = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-        command = [sys.executable, "-P", "-m", WORKER_MODULE, uri, experiment, str(reply_write), str(self.staging)]
-        # The worker ignores Ctrl-C and SIGTERM, but only once its Python is up. Blocked here, they are inherited
-        # blocked, so one sent meanwhile waits and the worker discards it; this process gets it at the unblock.
+        from pipeline import tracking_worker  # what the process runs; MLflow is imported there, in it only
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: a fork would copy threads, stores
+        their_commands, self.commands = context.Pipe(duplex=False)
+        self.replies, their_replies = context.Pipe(duplex=False)
+        args = (uri, experiment, their_commands, their_replies)
+        self.process = context.Process(target=tracking_worker.main, args=args, name="tracking")
+        # The worker ignores Ctrl-C and SIGTERM once its Python is up. Blocked here, they are inherited blocked:
+        # one sent meanwhile waits and the worker discards it, while this process gets it at the unblock.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            self.proc = subprocess.Popen(
-                command, stdin=subprocess.PIPE, pass_fds=(reply_write,), env=os.environ | {"PYTHONPATH": pythonpath}
-            )
+            self.process.start()
         except OSError as e:
-            os.close(reply_read)
-            raise TrackingError(f"MLflow store {uri}: cannot start the tracking worker: {first_line(e)}") from None
+            raise TrackingError(f"MLflow store {uri}: cannot start the tracking worker: {e}") from None
         finally:
-            os.close(reply_write)  # else the reply pipe would never reach EOF
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        self.replies = reply_read
-        self.buffer = bytearray()
-        self.eof = False
-        self.artifacts = 0
-        self.sent = 0  # commands so far: until the first, the worker has not touched the store
+            their_commands.close()  # the worker's ends: with ours closed, each side sees the other's end
+            their_replies.close()
+        atexit.register(self.commands.close)  # multiprocessing joins its children at exit: let this one end
+        self.uri, self.pid = uri, self.process.pid
+        log.debug("tracking worker %d started for %s", self.pid, uri)
+        self.run_id: str | None = None
+        self.sent, self.eof = 0, False  # until its first command, the worker has not touched the store
+        self.answers: list[Any] = []
+        self.error: str | None = None  # the first failure the worker reported
+        self.failed: TrackingError | None = None  # raised once, and again by every later call
 
-    def send(self, command: tuple[Any, ...]) -> None:
-        """Queue one command; the worker reads its stdin in a thread of its own, so this does not wait for
-        MLflow. Raises BrokenPipeError once the worker has exited."""
-        stdin = self.proc.stdin
-        assert stdin is not None
-        stdin.write(pickle.dumps(command, protocol=pickle.HIGHEST_PROTOCOL))
-        stdin.flush()
-        self.sent += 1
+    def send(self, command: str, *args: Any, answer: bool = False) -> None:
+        if self.failed is not None:
+            raise self.failed
+        while not self.eof and self.replies.poll():
+            self._receive()
+        if self.error is None:
+            with suppress(BrokenPipeError):  # the worker has exited: its replies say why
+                self.commands.send((command, args, answer))
+                self.sent += 1
+                return
+        raise self._fail()  # nothing more can be logged: stop the stage now, not at the end of the run
 
-    def close_input(self) -> None:
-        stdin = self.proc.stdin
-        assert stdin is not None
-        with suppress(BrokenPipeError):  # it has exited already; what it said is on the reply pipe
-            stdin.close()
+    def ask(self, command: str, *args: Any) -> Any:
+        self.send(command, *args, answer=True)
+        while not self.answers:
+            if self.error is not None or self.eof:
+                raise self._fail()
+            self._receive()
+        return self.answers.pop(0)
 
-    def receive(self, block: bool) -> list[tuple[Any, ...]]:
-        """The replies that have arrived; with block, wait for at least one or for the worker's end."""
+    def end(self, status: str) -> None:
+        if self.failed is not None:
+            raise self.failed
+        with suppress(BrokenPipeError):
+            self.commands.send(("end", (status,), False))
+        self._stop()
+        if self.error is not None or self.process.exitcode != 0:
+            raise self._fail()
+
+    def close(self) -> None:
+        if self.sent == 0:  # it is only importing MLflow: a stage that failed its own checks should fail fast
+            self.process.kill()
+        self._stop()
+
+    def _receive(self) -> None:  # one reply, or the worker's end
+        try:
+            kind, value = self.replies.recv()
+        except EOFError:
+            self.eof = True
+            return
+        if kind == "run":
+            self.run_id = value
+            log.info("MLflow run %s in %s", value, self.uri)
+        elif kind == "warning":
+            log.warning("%s", value)
+        elif kind == "error":
+            self.error = self.error or value
+        else:
+            self.answers.append(value)
+
+    def _stop(self) -> None:  # wait for the worker to exit, reading what it still says on the way
+        self.commands.close()
         while not self.eof:
-            if not block and not select.select([self.replies], [], [], 0)[0]:
-                break
-            chunk = os.read(self.replies, 1 << 16)
-            if not chunk:
-                self.eof = True
-                os.close(self.replies)
-            self.buffer += chunk
-            if block and self._complete():
-                break
-        out = []
-        while self._complete():
-            (size,) = REPLY_HEADER.unpack_from(self.buffer)
-            start = REPLY_HEADER.size
-            out.append(pickle.loads(self.buffer[start : start + size]))
-            del self.buffer[: start + size]
-        return out
+            self._receive()
+        self.process.join()
 
-    def _complete(self) -> bool:
-        if len(self.buffer) < REPLY_HEADER.size:
-            return False
-        size: int = REPLY_HEADER.unpack_from(self.buffer)[0]
-        return len(self.buffer) >= REPLY_HEADER.size + size
+    def _fail(self) -> TrackingError:
+        self._stop()
+        code = self.process.exitcode or 0
+        killed = f"the tracking worker was killed by signal {-code}"
+        cause = self.error or (killed if code < 0 else f"the tracking worker stopped with exit status {code}")
+        self.failed = TrackingError(f"MLflow store {self.uri}: {cause}")
+        return self.failed
 
-    def stage_artifact(self, path: Path) -> Path:
-        if self.artifacts == 0:
-            self.staging.mkdir(mode=0o700)  # not exist_ok: a folder someone else made is not ours to use
-        self.artifacts += 1
-        copy = self.staging / str(self.artifacts) / path.name  # the name MLflow logs it under
-        copy.parent.mkdir()
-        shutil.copyfile(path, copy)
-        return copy
+
+@dataclass
+class Run:
+    """The stage's handle on a run, usable at once: `id` stays None until the worker has made the run."""
+
+    channel: Channel
+
+    @property
+    def id(self) -> str | None:
+        return self.channel.run_id
 
 
 class Tracker:
-    """One store and one experiment, as the stage sees them: every logging call returns at once.
+    """One store and one experiment, as the stage sees them. A worker serves one run; a later run() starts another.
 
-    A worker handles one run and exits when the run ends; a later run() (tests do that) starts another. The
-    logging calls take the run's handle as the stages always passed a run id, though a tracker has at most one
-    run open and the worker knows which.
-    """
+    Each call the stage can make is a method here that checks its arguments, and the method of the same name of
+    tracking_worker.Session that makes the MLflow calls: nothing else lists them."""
 
-    def __init__(self, uri: str, experiment: str) -> None:
-        self.uri = uri
-        self.experiment = experiment
-        self._experiment_id: str | None = None
-        self._worker: _Worker | None = None
-        self._run: Run | None = None
-        self._found: list[str | None] = []
-        self._error: str | None = None  # the first failure the worker reported
-        self._failed: TrackingError | None = None  # raised once already; later calls raise it again
+    def __init__(self, uri: str, experiment: str, channel: type[Worker] | type[Offline] = Worker) -> None:
+        self.uri, self.experiment, self._new_channel = uri, experiment, channel
+        self._channel: Channel | None = None
+        self._in_run = False
 
-    # The worker's lifetime.
-
-    def start(self) -> None:
-        """Start a worker now, if none is running, so that MLflow's start-up overlaps the caller's work."""
-        if self._worker is None:
-            self._worker = _Worker(self.uri, self.experiment)
-            self._error = self._failed = None
-            log.debug("tracking worker %d started for %s", self._worker.proc.pid, self.uri)
+    def start(self) -> Channel:  # a worker, started now if none is running
+        if self._channel is None:
+            self._channel = self._new_channel(self.uri, self.experiment)
+        return self._channel
 
     @property
     def worker_pid(self) -> int | None:
-        return None if self._worker is None else self._worker.proc.pid
-
-    def _live_worker(self) -> _Worker:
-        if self._worker is not None:
-            return self._worker
-        if self._failed is not None:
-            raise self._failed
-        raise RuntimeError("no MLflow run is open on this tracker")
-
-    def _send(self, *command: Any) -> None:
-        worker = self._live_worker()
-        self._handle(worker.receive(block=False))
-        if self._error is None:
-            try:
-                worker.send(command)
-                return
-            except BrokenPipeError:  # the worker has exited; its reply says why
-                pass
-        # Nothing more can be logged, so the stage should stop here rather than at the end of the run.
-        self._stop(worker)
-        raise self._fail(worker)
-
-    def _handle(self, replies: list[tuple[Any, ...]]) -> None:
-        for kind, *args in replies:
-            if kind == "ready":
-                self._experiment_id = args[0]
-            elif kind == "run" and self._run is not None:
-                self._run.id = args[0]
-                log.info("MLflow run %s in %s", args[0], self.uri)
-            elif kind == "found":
-                self._found.append(args[0])
-            elif kind == "warning":
-                log.warning("%s", args[0])
-            elif kind == "error" and self._error is None:
-                self._error = args[0]
-
-    def _wait_for(self, condition: Callable[[], bool]) -> None:
-        """Read replies until condition() holds; a worker that fails or ends first is a TrackingError."""
-        worker = self._live_worker()
-        while not condition():
-            if self._error is not None or worker.eof:
-                self._stop(worker)
-                raise self._fail(worker)
-            self._handle(worker.receive(block=True))
-
-    def _stop(self, worker: _Worker) -> None:
-        """Wait for the worker to exit, reading what it still says on the way."""
-        worker.close_input()
-        while not worker.eof:
-            self._handle(worker.receive(block=True))
-        worker.proc.wait()
-        shutil.rmtree(worker.staging, ignore_errors=True)  # the worker's job, unless it was killed
-        if self._worker is worker:
-            self._worker = None
-
-    def _fail(self, worker: _Worker) -> TrackingError:
-        code = worker.proc.returncode
-        if self._error is not None:
-            cause = self._error
-        elif code is not None and code < 0:
-            cause = f"the tracking worker was killed by signal {-code}"
-        else:
-            cause = f"the tracking worker stopped with exit status {code}"
-        self._failed = TrackingError(f"MLflow store {self.uri}: {cause}")
-        return self._failed
+        return None if self._channel is None else self._channel.pid
 
     def __enter__(self) -> Tracker:
         return self
@@ -287,107 +233,78 @@ class Tracker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Let an idle worker go (one with no run open: run() ends its own) and wait for it to exit.
+    def close(self) -> None:  # let an idle worker go: run() ends its own
+        if self._channel is not None and not self._in_run:
+            channel, self._channel = self._channel, None
+            channel.close()
 
-        A worker that was never asked for anything has not opened the store; it is only importing MLflow, so it
-        is stopped at once rather than waited for (a stage that fails its own checks should fail fast).
-        """
-        worker = self._worker
-        if worker is None or self._run is not None:
-            return
-        if worker.sent == 0:
-            worker.proc.kill()
-        self._stop(worker)
+    def open(self) -> None:  # let the worker open the store now (as at any first command), without waiting
+        self.start().send("open_store")
 
-    def open(self) -> None:
-        """Let the worker open the store now, without waiting for it (it does at its first command anyway)."""
-        self.start()
-        if self._live_worker().sent == 0:
-            self._send("open")
-
-    # Queries: they wait for the worker, so the stages do not use them.
+    # Queries wait for the worker's answer: the stages do not make them.
 
     @property
     def experiment_id(self) -> str:
-        if self._experiment_id is None:
-            self.start()
-            self._send("open")  # the worker opens the store at its first command
-            self._wait_for(lambda: self._experiment_id is not None)
-        assert self._experiment_id is not None
-        return self._experiment_id
+        return str(self.start().ask("experiment") or "")
 
     def find_run(self, model_md5: str) -> str | None:
         """Id of the newest finished run that trained the model with this hash, if any."""
-        return self._query("find", model_md5)
+        return cast(str | None, self.start().ask("find_run", model_md5))
 
     def find_model(self, run_id: str) -> str | None:
         """Id of the MLflow model the run logged, if any: load it as models:/<id>."""
-        return self._query("model_of", run_id)
-
-    def _query(self, *command: Any) -> str | None:
-        self.start()
-        self._found.clear()
-        self._send(*command)
-        self._wait_for(lambda: bool(self._found))
-        return self._found[0]
-
-    # Runs.
+        return cast(str | None, self.start().ask("find_model", run_id))
 
     @contextmanager
     def run(
-        self,
-        run_name: str | None = None,
-        attach_to_model: str | None = None,
-        tags_if_new: Mapping[str, str] | None = None,
+        self, run_name: str | None = None, attach_to_model: str | None = None, tags_if_new: dict[str, str] | None = None
     ) -> Iterator[Run]:
-        """A run, which the worker creates (or finds) while the body goes on; it ends FINISHED, or
-        FAILED/KILLED if the body raises.
-
-        attach_to_model: add to the newest FINISHED run tagged with this model hash; if there is none, a new
-        run gets `tags_if_new` and the hash, and a warning says so.
-        At the end this waits until the worker has logged everything and exited.
-        """
-        if self._run is not None:
+        """A run, which the worker makes while the body goes on; it ends FINISHED, or FAILED (KILLED on Ctrl-C)
+        if the body raises, once the worker has logged everything. attach_to_model: add to the newest FINISHED run
+        tagged with this model hash; if there is none, a new run gets `tags_if_new` and the hash, with a warning."""
+        if self._in_run:
             raise RuntimeError("a run is already open on this tracker")
-        self.start()
-        handle = self._run = Run()
+        channel, self._in_run = self.start(), True
         try:
-            self._send("start", run_name, attach_to_model, dict(tags_if_new or {}))
-            yield handle
+            channel.send("start", run_name, attach_to_model, tags_if_new or {})
+            yield Run(channel)
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             try:
                 self._end(status)
             except TrackingError as inner:  # the original error matters more than this one
                 if inner is not e:
-                    log.warning("could not mark MLflow run %s %s: %s", handle.id, status, inner)
+                    log.warning("could not mark MLflow run %s %s: %s", channel.run_id, status, inner)
             raise
         self._end("FINISHED")
 
     def _end(self, status: str) -> None:
+        channel, self._channel, self._in_run = self.start(), None, False
+        channel.end(status)
+
+    def _send(self, command: str, *args: Any) -> None:
+        if not self._in_run:
+            raise RuntimeError("no MLflow run is open on this tracker")
+        self.start().send(command, *args)
+
+    def _read(self, path: str | Path) -> tuple[str, bytes]:  # now: the caller may rewrite or delete it at once
         try:
-            worker = self._live_worker()
-            with suppress(BrokenPipeError):  # it has exited: _stop() reads why
-                worker.send(("end", status))
-            self._stop(worker)
-            if self._error is not None or worker.proc.returncode != 0:
-                raise self._fail(worker)
-        finally:
-            self._run = None
+            return Path(path).name, Path(path).read_bytes()
+        except OSError as e:
+            raise TrackingError(f"MLflow store {self.uri}: cannot log {path}: {e.strerror or e}") from None
 
     # Logging: each call queues a command and returns.
 
-    def log_params(self, run: Run, params: Mapping[str, Any]) -> None:
+    def log_params(self, params: Mapping[str, Any]) -> None:
         self._send("log_params", {k: str(v) for k, v in params.items()})
 
-    def set_tags(self, run: Run, tags: Mapping[str, str]) -> None:
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
         self._send("set_tags", {k: str(v) for k, v in tags.items()})
 
-    def log_metrics(self, run: Run, values: Mapping[str, float], step: int = 0) -> None:
-        self.log_series(run, {k: ([step], [v]) for k, v in values.items()})
+    def log_metrics(self, values: Mapping[str, float], step: int = 0) -> None:
+        self.log_series({k: ([step], [v]) for k, v in values.items()})
 
-    def log_series(self, run: Run, series: Mapping[str, tuple[Any, Any]]) -> None:
+    def log_series(self, series: Mapping[str, tuple[Any, Any]]) -> None:
         """Log {name: (steps, values)}; the worker sends 1000 points per request, not one request per point."""
         now = int(time.time() * 1000)  # when the values were computed, not when the worker gets to them
         arrays = {}
@@ -399,162 +316,59 @@ class Tracker:
         self._send("log_series", arrays, now)
 
     def log_dataset(
-        self,
-        run: Run,
-        *,
-        source: str,
-        name: str,
-        digest: str,
-        context: str,
-        n_rows: int,
-        columns: Sequence[str],
-        targets: str = "y",
+        self, *, source: str, name: str, digest: str, context: str, n_rows: int, columns: list[str]
     ) -> None:
-        """Record a table as a run input whose digest is the file's hash (the md5 in dvc.lock).
-
-        Only its description travels: the table may be far too large to send, or not in memory at all. The
-        entry is the one MLflow makes for a DataFrame of float32 columns (mlflow.data.from_pandas). `targets`
-        is only checked against the columns: MLflow's entry for a DataFrame does not record it either.
-        """
-        if targets not in columns:
-            raise ValueError(f"dataset {name!r}: target column {targets!r} is not among {list(columns)}")
+        """A table as a run input whose digest is the file's md5 (as in dvc.lock), described by its rows and
+        columns: the table itself may be far too large to send, or not in memory at all."""
         self._send("log_dataset", source, name, digest, context, int(n_rows), list(columns))
 
-    def log_artifact(self, run: Run, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file under the run's artifacts, at `artifact_path` or at the top.
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top.
 
-        The file is copied before this returns, so the caller may delete or replace it at once.
-        MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that).
-        """
-        self._send("log_artifact", self._snapshot(path), artifact_path)
+        MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
+        self._send("log_artifact", *self._read(path), artifact_path)
 
-    def _snapshot(self, path: str | Path) -> str:
-        """A copy of the file for the worker to log, so the caller may change or delete the file at once."""
-        try:
-            return str(self._live_worker().stage_artifact(Path(path)))
-        except OSError as e:
-            raise TrackingError(f"MLflow store {self.uri}: cannot log {path}: {e.strerror or e}") from None
-
-    def expect_model(self, run: Run) -> None:
-        """Say that log_model will come, so that the worker prepares for it while it has nothing else to do."""
+    def expect_model(self) -> None:  # log_model will come: the worker prepares while it has nothing else to do
         self._send("expect_model")
 
     def log_model(
         self,
-        run: Run,
         weights: str | Path,
-        columns: Sequence[str],
+        columns: list[str],
         example: np.ndarray,
         registered_name: str | None = None,
         step: int = 0,
     ) -> None:
-        """Log the model in MLflow's format (pipeline/mlflow_model.py) with these safetensors weights.
-
-        columns: the feature columns it takes; example: a few rows of them (the model's input example);
-        registered_name: also register it as a new version of this model; step: link the metrics logged at
-        this step to the model. The weights are copied before this returns, as log_artifact does.
-        """
-        rows = np.asarray(example, dtype=np.float64).reshape(-1, len(columns))
-        self._send("log_model", self._snapshot(weights), list(columns), rows.tolist(), registered_name, int(step))
-
-
-class OfflineTracker(Tracker):
-    """What connect() returns with PIPELINE_TRACKING=off: the same calls, recorded nowhere, and no worker."""
-
-    def __init__(self) -> None:
-        super().__init__(uri="(tracking off)", experiment="")
-        self._experiment_id = ""
-
-    def start(self) -> None:
-        pass
-
-    def open(self) -> None:
-        pass
-
-    def _query(self, *command: Any) -> str | None:
-        return None  # nothing was recorded, so nothing is found (find_run, find_model)
-
-    @contextmanager
-    def run(
-        self,
-        run_name: str | None = None,
-        attach_to_model: str | None = None,
-        tags_if_new: Mapping[str, str] | None = None,
-    ) -> Iterator[Run]:
-        yield Run()
-
-    def _send(self, *command: Any) -> None:
-        pass
-
-    def _snapshot(self, path: str | Path) -> str:
-        return str(path)  # no worker, so no copy: _send drops the command
+        """The model in MLflow's format (pipeline/mlflow_model.py) with these safetensors weights, taking these
+        feature columns, with rows of them as its input example; registered_name: a model to add a version to;
+        step: the metrics logged at this step go with the model."""
+        rows = np.asarray(example, dtype=np.float64).reshape(-1, len(columns)).tolist()
+        self._send("log_model", self._read(weights)[1], list(columns), rows, registered_name, int(step))
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the URI, when a tracking server does not answer (MLflow's own client would
-    retry with back-off for minutes)."""
+    """Fail in seconds, naming it, when a tracking server does not answer (MLflow's client retries for minutes)."""
     if not uri.startswith(("http://", "https://")):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
             response.read()
     except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
-        reason = getattr(e, "reason", e)
-        raise TrackingError(
-            f"MLflow tracking server {uri} is not reachable ({reason}); start it or unset "
-            f"MLFLOW_TRACKING_URI to use the project's own store"
-        ) from None
+        why = f"is not reachable ({getattr(e, 'reason', e)}); start it or unset MLFLOW_TRACKING_URI"
+        raise TrackingError(f"MLflow tracking server {uri} {why} to use the project's own store") from None
 
 
-def connect(experiment: str, root: Path | None = None) -> Tracker:
-    """Start the worker, which opens the store (creating it and the experiment on first use), and return a
-    Tracker at once.
-
-    A tracking server that does not answer fails here, before the stage does any work. PIPELINE_TRACKING=off
-    returns an OfflineTracker instead: for machines without a store, and for timing what tracking costs
-    (benchmarks/bench.py).
-    """
-    if os.environ.get("PIPELINE_TRACKING", "on") == "off":
-        return OfflineTracker()
+def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> Tracker:
+    """A Tracker whose worker is starting already: it opens the store (and makes the experiment) at the first
+    command. enabled=False (a torchrun rank but 0) or PIPELINE_TRACKING=off: the calls go nowhere, for machines
+    without a store and for timing what tracking costs (benchmarks/bench.py)."""
+    if not enabled or os.environ.get("PIPELINE_TRACKING", "on") == "off":
+        return Tracker("(tracking off)", "", channel=Offline)
     uri = tracking_uri(root or project_root())
     check_reachable(uri)
     tracker = Tracker(uri, experiment)
     tracker.start()
     return tracker
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested numbers -> {"a.b": value}, the names `dvc metrics` shows; None (not applicable) is left out."""
-    out: dict[str, float] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out |= flatten(value, f"{prefix}{key}.")
-        elif value is not None:
-            out[f"{prefix}{key}"] = float(value)
-    return out
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
-
-
-def provenance_tags(stage: str) -> dict[str, str]:
-    """Git commit, whether tracked files differ from it, and the DVC experiment this runs under, if any."""
-    tags = {SOURCE_NAME_TAG: f"pipeline.{stage}"}
-    commit = _git("rev-parse", "HEAD")
-    if commit:
-        tags[GIT_COMMIT_TAG] = commit
-        # dvc.lock is rewritten by `dvc repro` itself as stages finish; it says nothing about the inputs.
-        status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
-        tags["git_dirty"] = "unknown" if status is None else str(bool(status)).lower()
-    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
-    return tags
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""DVC stage `train`: gradient descent on the train table -> model, trajectory, train metrics, one MLflow run."""
+"""DVC stage `train`: gradient descent on the train table -> model, trajectory, train metrics, one MLflow run.
+
+train() reads top to bottom: config and data, checks, placement (device, ranks), the run, fit, outputs, the
+result. What the run records is named in pipeline/record.py.
+"""
 
 from __future__ import annotations
 
@@ -9,60 +13,148 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from pipeline import cli, config, distributed, numerics, tracking
+from pipeline import cli, config, data, distributed, record, theory, tracking
 from pipeline.errors import ConfigError, DataError, DivergenceError
 from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
-EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
 
-# torch and the modules that import it (or pandas and pyarrow) are imported inside train(), after the tracking
-# worker has started: it imports MLflow (~2 s) on the other core while this process imports torch (~1 s).
-if TYPE_CHECKING:
-    import torch
+def train(args: argparse.Namespace) -> None:
+    cfg = config.load(args.params)
+    p = cfg.train
+    rank, size = distributed.world()
+    if rank != 0:
+        cli.log.setLevel(logging.WARNING)  # one account of the run, rank 0's, who also tracks it and writes
+    # First: the worker imports MLflow while all that follows runs. A server that does not answer fails here.
+    with tracking.connect(cfg.tracking.experiment, enabled=rank == 0) as tracker:
+        import safetensors.torch  # the one deferred import: torch and what is built on it
+        import torch
 
-    from pipeline import data, loop, theory
+        from pipeline import loop, tuning
+
+        try:
+            torch.set_num_threads(p.threads)  # before any tensor work: float32 sums at large N depend on it
+            tuning.set_deterministic()  # an op without a deterministic kernel raises instead of varying
+            table = data.read_table(args.data)
+            moments, stab = check(cfg, args.data, table)
+            dev, rows = distributed.place(p.method, p.device, p.batch_size, len(table), cfg.source)
+            with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")):
+                data_md5 = md5_file(args.data)
+                tracker.set_tags(record.train_tags(data_md5, cfg.tracking.sweep))
+                tracker.expect_model()  # the worker prepares for log_model while this process trains
+                model = loop.make_model(p.init_seed, table.n_features, getattr(torch, p.dtype))  # every method's start
+                X, y = (a[rows] for a in loop.as_arrays(table.X, table.y, model.weight.dtype))  # this rank's rows
+                init = np.append(model.weight.detach().numpy(), model.bias.detach().numpy())
+                rows_per_step = min(len(X), p.batch_size or len(X))
+                compiled = tuning.should_compile(p.compile, p.method, rows_per_step, p.epochs) and dev.type == "cpu"
+                compiled = compiled and size == 1  # compiled steps are tuned for the CPU and one process
+                cli.log.debug("method %s on %s, %d process(es), compiled: %s", p.method, dev, size, compiled)
+                tracker.log_params(record.train_params(cfg, init, len(table), compiled, dev, size))
+                tracker.log_dataset(**record.dataset(args.data, data_md5, table))
+                tracker.log_series(record.initial_series(init))
+                if size > 1:
+                    learner: loop.Learner = distributed.learner(model, X, y, p.optimizer, p.lr, p.momentum, dev)
+                else:
+                    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compiled, dev)
+
+                def stream(first: int, values: np.ndarray) -> None:  # logged while the next epochs run
+                    tracker.log_series(record.epoch_series(first, values))
+
+                progress = sys.stderr.isatty() and rank == 0
+                traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress, stream)
+                frame = traj.frame()
+                show(frame, p.epochs)
+                if p.batch_size is not None:
+                    tracker.log_series(record.batch_series(traj.batch_loss))
+                if traj.diverged_at is not None:
+                    raise diverged(tracker, frame, traj.diverged_at, p.lr, stab)
+                final = loop.load_params(model.cpu(), traj.weights()[-1], traj.column("bias")[-1:])
+                path = np.vstack([init, np.column_stack([traj.weights(), traj.column("bias")])])
+                autograd = partial(loop.autograd_gradient, table.X, table.y)  # the gradient to check the formula by
+                report = analyse(moments, stab, p, path, float(traj.column("loss")[-1]), autograd)
+                if rank == 0:  # every rank holds the same trajectory: one writes it
+                    write_outputs(args, safetensors.torch.save(final.state_dict()), frame, report)
+                    log_result(tracker, args, cfg, report, table)
+        finally:
+            distributed.stop()
+    if rank == 0:
+        summarise(report, final.named_parameters())
 
 
-def state_dict_bytes(model: torch.nn.Module) -> bytes:
-    """The model's state_dict in safetensors format: plain tensors, no pickle; identical bytes for identical
-    weights. Load it with safetensors (`load_file`) and `model.load_state_dict(...)`."""
-    import safetensors.torch
+def write_outputs(args: argparse.Namespace, model: bytes, frame: Any, report: dict[str, Any]) -> None:
+    """The model's state_dict in safetensors format (plain tensors, no pickle: identical bytes for identical
+    weights), the trajectory and the metrics, each written atomically."""
+    write_bytes_atomic(args.model, model)
+    data.write_csv(frame, args.trajectory)
+    write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
 
-    return safetensors.torch.save(model.state_dict())
+
+def check(cfg: config.Config, source: str, table: data.Table) -> tuple[theory.Moments, theory.Stability]:
+    """The table fits the params, and the learning rate is below the stability limit (unless allowed)."""
+    p, k = cfg.train, table.n_features
+    cli.log.debug("%s: %d rows, %d feature(s), %d thread(s)", source, len(table), k, p.threads)
+    if k != cfg.generate.n_features:
+        raise DataError(f"{source}: has {k} feature column(s), generate.true_weights has {cfg.generate.n_features}")
+    moments = theory.Moments.of(table.X, table.y)
+    stab = theory.stability(moments, p.lr, p.momentum)
+    if p.optimizer == "sgd" and p.lr >= stab.lr_max and not p.allow_divergence:
+        raise ConfigError(
+            f"{cfg.source}: train.lr = {p.lr}: at or above the largest stable learning rate {stab.lr_max:.4g} for "
+            f"this data (2(1 + momentum)/λ_max of the MSE Hessian); lower it, or set train.allow_divergence: true"
+        )
+    return moments, stab
+
+
+def show(frame: Any, epochs: int) -> None:
+    """About ten lines of the trajectory, and the last one."""
+    names = [c for c in frame.columns if c == "bias" or c.startswith("weight")]
+    for i in sorted({*range(0, len(frame), max(1, epochs // 10)), len(frame) - 1}):
+        row = frame.iloc[i]
+        values = "  ".join(f"{n} {row[n]:.6f}" for n in names)
+        cli.log.info("epoch %5d  loss %.6g  %s", row["epoch"], row["loss"], values)
+
+
+def diverged(tracker: tracking.Tracker, frame: Any, epoch: int, lr: float, stab: theory.Stability) -> DivergenceError:
+    """The run keeps the trajectory up to the failure; the stage's outputs are not written at all."""
+    with tempfile.TemporaryDirectory() as tmp:
+        data.write_csv(frame, Path(tmp) / "trajectory.csv")
+        tracker.log_artifact(Path(tmp) / "trajectory.csv")
+    return DivergenceError(
+        f"train: loss is not finite at epoch {epoch} with train.lr = {lr}; the largest stable "
+        f"learning rate for this data is {stab.lr_max:.4g}"
+    )
 
 
 def analyse(
-    table: data.Table, moments: theory.Moments, traj: loop.Trajectory, stab: theory.Stability, p: config.TrainParams
+    moments: theory.Moments,
+    stab: theory.Stability,
+    p: config.TrainParams,
+    path: np.ndarray,
+    final_loss: float,
+    autograd: Callable[[np.ndarray, np.ndarray], np.ndarray],
 ) -> dict[str, Any]:
-    """Theory against what happened: convergence predicted vs observed, autograd vs analytic gradient."""
-    from pipeline import data, loop, theory
+    """Theory against what happened: convergence predicted vs observed, autograd vs analytic gradient.
 
+    path: (epochs + 1, k + 1), the weights and bias at the start and after each epoch.
+    """
     optimum = theory.least_squares(moments)
-    start = theory.LineFit(traj.init_weight.astype(np.float64), traj.init_bias)
-    end = theory.LineFit(traj.weights()[-1].astype(np.float64), float(traj.column("bias")[-1]))
-    path = np.column_stack([traj.weights(), traj.column("bias")]).astype(np.float64)
-    distances = np.linalg.norm(path - optimum.params(), axis=1)
+    start = theory.LineFit(path[0, :-1].astype(np.float64), float(path[0, -1]))
+    end = theory.LineFit(path[-1, :-1].astype(np.float64), float(path[-1, -1]))
+    distances = np.linalg.norm(path[1:].astype(np.float64) - optimum.params(), axis=1)
     offset = start.params() - optimum.params()
     d0 = math.sqrt(theory.dot(offset, offset))
-    # The contraction bound is exact for plain full-batch gradient descent only.
-    plain_gd = p.optimizer == "sgd" and p.momentum == 0 and p.batch_size is None
-    gradient_gap = max(
-        float(
-            np.max(
-                np.abs(
-                    loop.autograd_gradient(table.X, table.y, f.weights, np.array([f.bias]))
-                    - theory.mse_gradient(moments, f)
-                )
-            )
-        )
+    plain_gd = p.optimizer == "sgd" and p.momentum == 0 and p.batch_size is None  # the bound is exact only there
+    gap = max(
+        float(np.max(np.abs(autograd(f.weights, np.array([f.bias])) - theory.mse_gradient(moments, f))))
         for f in (start, end)
     )
+    names = [*data.weight_names(len(start.weights)), "bias"]
     return {
         "stability": {
             "lr_max": stab.lr_max,
@@ -77,172 +169,28 @@ def analyse(
             "predicted_epochs": stab.predicted_epochs(d0, p.convergence_tol) if plain_gd else None,
             "observed_epochs": theory.observed_epochs(distances, p.convergence_tol),
         },
-        "gradient_check": {"max_abs_diff": gradient_gap},
-        "init": dict(zip([*data.weight_names(len(start.weights)), "bias"], start.params().tolist(), strict=True)),
-        "final_loss": float(traj.column("loss")[-1]),
+        "gradient_check": {"max_abs_diff": gap},
+        "init": dict(zip(names, start.params().tolist(), strict=True)),
+        "final_loss": final_loss,
     }
 
 
-def train(args: argparse.Namespace) -> None:
-    cfg = config.load(args.params)
-    # First, so that the worker's start-up overlaps everything below. A server that does not answer fails here.
-    # Leaving the block stops a worker that never got a run (the stage failed its checks). Under torchrun only
-    # rank 0 tracks the run.
-    rank, _ = distributed.world()
-    if rank != 0:
-        cli.log.setLevel(logging.WARNING)  # one account of the run, rank 0's
-    with tracking.connect(cfg.tracking.experiment) if rank == 0 else tracking.OfflineTracker() as tracker:
-        try:
-            fit_and_write(args, cfg, tracker)
-        finally:
-            distributed.stop()
+def log_result(
+    tracker: tracking.Tracker, args: argparse.Namespace, cfg: config.Config, report: dict[str, Any], table: data.Table
+) -> None:
+    """The run's results: metrics at the last epoch, the outputs, the model; last, the tag that marks it whole."""
+    tracker.log_metrics(record.train_metrics(report), step=cfg.train.epochs)
+    for path in (args.trajectory, args.metrics):
+        tracker.log_artifact(path)
+    # A few real rows are the model's input example; the metrics just logged at the last epoch go with it.
+    columns = data.feature_columns(table.n_features)
+    example = table.X[: record.EXAMPLE_ROWS]
+    tracker.log_model(args.model, columns, example, cfg.tracking.registered_model, step=cfg.train.epochs)
+    # evaluate finds this run by the model's hash: set last, the tag marks a complete run.
+    tracker.set_tags({record.MODEL_TAG: md5_file(args.model)})
 
 
-def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: tracking.Tracker) -> None:
-    import torch
-
-    from pipeline import data, loop, theory
-
-    p = cfg.train
-    # Set before any tensor work: float32 reductions at large N depend on the thread count.
-    torch.set_num_threads(p.threads)
-    loop.set_deterministic()  # an op without a deterministic kernel raises instead of varying
-    table = data.read_table(args.data)
-    k = table.n_features
-    cli.log.debug(
-        "%s: %d rows, %d feature(s); torch %s, %d thread(s)", args.data, len(table), k, torch.__version__, p.threads
-    )
-    if k != cfg.generate.n_features:
-        raise DataError(f"{args.data}: has {k} feature column(s), generate.true_weights has {cfg.generate.n_features}")
-    moments = theory.Moments.of(table.X, table.y)
-    stab = theory.stability(moments, p.lr, p.momentum)
-    if p.optimizer == "sgd" and p.lr >= stab.lr_max and not p.allow_divergence:
-        raise ConfigError(
-            f"{cfg.source}: train.lr = {p.lr}: at or above the largest stable learning rate {stab.lr_max:.4g} for "
-            f"this data (2(1 + momentum)/λ_max of the MSE Hessian); lower it, or set train.allow_divergence: true"
-        )
-    data_md5 = md5_file(args.data)
-    names = data.weight_names(k)
-    rank, size = distributed.world()
-    dev = distributed.device(p.device) if p.method == "nn" else torch.device("cpu")
-    if size > 1:
-        if p.method != "nn" or p.batch_size is not None:
-            raise ConfigError(
-                f"{cfg.source}: under torchrun, train runs method nn on full batches (train.method = {p.method!r}, "
-                f"train.batch_size = {p.batch_size!r})"
-            )
-        shard = distributed.shard(len(table), rank, size)
-        distributed.start(dev)
-
-    # The run starts once the inputs have passed their checks: the worker opens the store and creates the run
-    # while this process builds the learner (torch.optim's first use imports torch._dynamo, ~1 s) and trains.
-    with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")) as run:
-        sweep = {} if cfg.tracking.sweep is None else {"sweep": cfg.tracking.sweep}
-        tracker.set_tags(run, tracking.provenance_tags("train") | {"data_md5": data_md5} | sweep | numerics.tags())
-        tracker.expect_model(run)
-        dtype = getattr(torch, p.dtype)
-        X, y = loop.as_arrays(table.X, table.y, dtype)
-        model = loop.make_model(p.init_seed, k, dtype)
-        rows_per_step = min(len(X), p.batch_size or len(X)) // size
-        # Compiled steps are tuned for the CPU and one process (benchmarks/bench.py, P3).
-        compile_step = loop.should_compile(p.compile, p.method, rows_per_step, p.epochs) and dev.type == "cpu"
-        compile_step = compile_step and size == 1
-        cli.log.debug(
-            "method %s on %s, %d process(es), %d row(s) per step, compiled: %s",
-            p.method,
-            dev,
-            size,
-            rows_per_step,
-            compile_step,
-        )
-        # Every method starts from this model's parameters. Logged before the learner exists, so the worker
-        # records them while make_learner imports torch._dynamo.
-        w0, b0 = model.weight.detach().numpy(), model.bias.detach().numpy()
-        init = dict(zip([f"init.{n}" for n in [*names, "bias"]], [*w0.reshape(-1).tolist(), float(b0[0])], strict=True))
-        run_facts = {"data.n_train": len(table), "compiled": compile_step, "device": dev, "world_size": size}
-        tracker.log_params(run, cfg.flat() | init | run_facts)
-        tracker.log_dataset(
-            run,
-            source=args.data,
-            name="train",
-            digest=data_md5,
-            context="training",
-            n_rows=len(table),
-            columns=list(table.columns),
-        )
-        if size > 1:
-            learner: loop.Learner = distributed.learner(model, X[shard], y[shard], p.optimizer, p.lr, p.momentum, dev)
-            X, y = X[shard], y[shard]  # what this rank trains on
-        else:
-            learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile_step, dev)
-
-        columns = data.trajectory_columns(k)[1:]
-        # Step 0 of weight and bias is the random initialisation, so their curves start where training did.
-        tracker.log_series(
-            run, {n: ([0], [v]) for n, v in zip([*names, "bias"], [*w0.reshape(-1), b0[0]], strict=True)}
-        )
-
-        def log_epochs(first: int, rows: np.ndarray) -> None:
-            """Each series as training produces it: the worker logs while the next epochs run."""
-            steps = np.arange(first, first + len(rows))
-            tracker.log_series(run, {c: (steps, rows[:, j]) for j, c in enumerate(columns)})
-
-        traj = loop.fit(
-            learner,
-            len(X),
-            p.epochs,
-            p.batch_size,
-            p.shuffle_seed,
-            progress=sys.stderr.isatty() and rank == 0,
-            on_epochs=log_epochs,
-        )
-        frame = traj.frame()
-        shown = sorted({*range(0, len(frame), max(1, p.epochs // 10)), len(frame) - 1})  # ~10 lines and the last
-        for row in frame.iloc[shown].itertuples(index=False):
-            cli.log.info(
-                "epoch %5d  loss %.6g  %s",
-                row.epoch,
-                row.loss,
-                "  ".join(f"{n} {getattr(row, n):.6f}" for n in [*names, "bias"]),
-            )
-
-        if p.batch_size is not None:
-            tracker.log_series(run, {"batch_loss": (np.arange(1, len(traj.batch_loss) + 1), traj.batch_loss)})
-        if traj.diverged_at is not None:
-            # The run keeps the trajectory up to the failure; the stage's outputs are not written at all.
-            with tempfile.TemporaryDirectory() as tmp:
-                data.write_csv(frame, Path(tmp) / "trajectory.csv")
-                tracker.log_artifact(run, Path(tmp) / "trajectory.csv")
-            raise DivergenceError(
-                f"train: loss is not finite at epoch {traj.diverged_at} with train.lr = {p.lr}; the largest stable "
-                f"learning rate for this data is {stab.lr_max:.4g}"
-            )
-
-        if rank != 0:
-            return  # rank 0 writes the outputs: every rank holds the same trajectory
-        model = model.cpu()
-        loop.load_params(model, traj.weights()[-1], traj.column("bias")[-1:])
-        report = analyse(table, moments, traj, stab, p)
-        write_bytes_atomic(args.model, state_dict_bytes(model))
-        data.write_csv(frame, args.trajectory)
-        write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
-
-        flat = {k: v for k, v in tracking.flatten(report).items() if not k.startswith("init.")}
-        tracker.log_metrics(run, flat, step=p.epochs)
-        for path in (args.trajectory, args.metrics):
-            tracker.log_artifact(run, path)
-        # A few real rows are the model's input example; the metrics just logged at the last epoch go with it.
-        tracker.log_model(
-            run,
-            args.model,
-            data.feature_columns(k),
-            table.X[:EXAMPLE_ROWS],
-            registered_name=cfg.tracking.registered_model,
-            step=p.epochs,
-        )
-        # Last: evaluate finds this run by the model's hash, so the tag marks a complete run.
-        tracker.set_tags(run, {tracking.MODEL_TAG: md5_file(args.model)})
-
+def summarise(report: dict[str, Any], parameters: Any) -> None:
     c = report["convergence"]
     cli.log.info(
         "within %g of the closed form after %s epochs (theory: at most %s); lr limit %.4g; autograd vs analytic "
@@ -254,7 +202,7 @@ def fit_and_write(args: argparse.Namespace, cfg: config.Config, tracker: trackin
         report["gradient_check"]["max_abs_diff"],
     )
     # As the seed document ends: the learned parameters, straight from the model.
-    for name, param in model.named_parameters():
+    for name, param in parameters:
         print(name, param.data)
 
 

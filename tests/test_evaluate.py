@@ -11,10 +11,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from pipeline import config, data, evaluate, loop, plots, theory, tracking
+from pipeline import config, data, evaluate, loop, plots, record, theory
 from pipeline.data import DataError
 from pipeline.theory import LineFit
-from pipeline.train import state_dict_bytes
 
 
 def metrics_of(p: config.GenerateParams, learned: LineFit, train: data.Table, test: data.Table) -> dict:  # type: ignore[type-arg]
@@ -70,15 +69,17 @@ def test_several_features_get_one_entry_per_coefficient(cfg: config.Config) -> N
 
 def test_flatten_names_like_dvc_and_skips_what_does_not_apply() -> None:
     tree = {"a": {"b": 1, "c": {"d": 2.5}, "n": None}, "e": 3}
-    assert tracking.flatten(tree) == {"a.b": 1.0, "a.c.d": 2.5, "e": 3.0}
+    assert record.flatten(tree) == {"a.b": 1.0, "a.c.d": 2.5, "e": 3.0}
 
 
 def test_model_file_round_trips_without_pickle(tmp_path: Path) -> None:
     model = loop.make_model(3)
-    (tmp_path / "m.safetensors").write_bytes(state_dict_bytes(model))
+    (tmp_path / "m.safetensors").write_bytes(safetensors.torch.save(model.state_dict()))
     line = evaluate.load_line(tmp_path / "m.safetensors")
     assert line.weight == model.weight.item() and line.bias == model.bias.item()
-    assert state_dict_bytes(model) == state_dict_bytes(loop.make_model(3))  # same weights, same bytes
+    assert safetensors.torch.save(model.state_dict()) == safetensors.torch.save(
+        loop.make_model(3).state_dict()
+    )  # same weights, same bytes
     back = loop.make_model(0)
     back.load_state_dict(safetensors.torch.load((tmp_path / "m.safetensors").read_bytes()))
     assert torch.equal(back.weight, model.weight) and torch.equal(back.bias, model.bias)
@@ -152,7 +153,7 @@ def test_above_the_scikit_learn_limit_the_reference_comes_from_moments_and_agree
     p = dataclasses.replace(cfg.generate, n_samples=20_000, true_weights=[1.0, -2.0])
     train, _ = data.generate(p)
     data.write_table(train, tmp_path / "t.parquet")
-    m = evaluate.scan(tmp_path / "t.parquet").moments
+    m = evaluate.scan(tmp_path / "t.parquet", plots.MAX_POINTS).moments
     small, gap = evaluate.reference_fit(tmp_path / "t.parquet", m)  # checked against scikit-learn
     assert gap is not None and gap <= 1e-12
     monkeypatch.setattr(evaluate, "SKLEARN_MAX_ROWS", 1000)
@@ -173,5 +174,5 @@ def test_collinear_features_stop_evaluate_with_one_line_instead_of_a_wrong_close
     X = np.column_stack([x, x + np.float32(1e-7) * rng.standard_normal(200).astype(np.float32)])
     data.write_table(data.Table(X, (3 * x).astype(np.float32)), tmp_path / "t.parquet")
     with pytest.raises(DataError, match="too close to collinear") as e:
-        evaluate.reference_fit(tmp_path / "t.parquet", evaluate.scan(tmp_path / "t.parquet").moments)
+        evaluate.reference_fit(tmp_path / "t.parquet", evaluate.scan(tmp_path / "t.parquet", plots.MAX_POINTS).moments)
     assert "\n" not in str(e.value)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import config, data, loop
+from pipeline import config, data, loop, tuning
 
 
 def train_arrays(cfg: config.Config, **generate: object) -> tuple[np.ndarray, np.ndarray]:
@@ -156,11 +156,11 @@ def test_train_step_runs_the_five_steps_in_order() -> None:
 
 
 def test_compile_is_chosen_only_where_it_pays() -> None:
-    assert not loop.should_compile("auto", "nn", 100, 1000)  # the defaults: eager
-    assert loop.should_compile("auto", "nn", 10_000_000, 1000)
-    assert not loop.should_compile("auto", "numpy", 10_000_000, 1000)
-    assert not loop.should_compile("auto", "nn", 100_000, 100_000)  # many epochs, but the compiled step is slower
-    assert loop.should_compile("on", "nn", 10, 1) and not loop.should_compile("off", "nn", 10**8, 10**4)
+    assert not tuning.should_compile("auto", "nn", 100, 1000)  # the defaults: eager
+    assert tuning.should_compile("auto", "nn", 10_000_000, 1000)
+    assert not tuning.should_compile("auto", "numpy", 10_000_000, 1000)
+    assert not tuning.should_compile("auto", "nn", 100_000, 100_000)  # many epochs, but the compiled step is slower
+    assert tuning.should_compile("on", "nn", 10, 1) and not tuning.should_compile("off", "nn", 10**8, 10**4)
 
 
 @pytest.mark.slow
@@ -196,20 +196,33 @@ def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch
     assert after == before
 
 
+def test_module_attributes_are_set_inside_the_block_and_restored_after_it_even_on_error() -> None:
+    import types
+
+    module = types.ModuleType("settings")
+    module.limit = 1  # type: ignore[attr-defined]
+    with pytest.raises(RuntimeError), tuning.module_attributes(module, limit=2**62):
+        assert module.limit == 2**62  # type: ignore[attr-defined]
+        raise RuntimeError
+    assert module.limit == 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError), tuning.module_attributes(module, limt=2):  # a misspelt name is not added
+        pass
+    assert not hasattr(module, "limt")
+
+
 def test_one_feature_is_stored_column_major_without_a_copy() -> None:
     X = torch.arange(5.0).reshape(5, 1)
-    C = loop.column_major(X)
+    C = tuning.column_major(X)
     assert torch.equal(C, X) and C.stride() == (1, 5) and C.data_ptr() == X.data_ptr()
     wide = torch.zeros(5, 3)
-    assert loop.column_major(wide) is wide  # several features: left as they are
+    assert tuning.column_major(wide) is wide  # several features: left as they are
 
 
-def test_the_trajectory_streams_out_in_order_and_whole(cfg: config.Config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_trajectory_streams_out_in_order_and_whole(cfg: config.Config) -> None:
     X, y = loop.as_arrays(*train_arrays(cfg))
-    monkeypatch.setattr(loop, "STREAM_EPOCHS", 7)
     learner = loop.make_learner("nn", loop.make_model(0), X, y, "sgd", 0.1, 0.0)
     handed: list[tuple[int, np.ndarray]] = []
-    t = loop.fit(learner, len(X), 30, on_epochs=lambda first, rows: handed.append((first, rows)))
+    t = loop.fit(learner, len(X), 30, on_epochs=lambda first, rows: handed.append((first, rows)), stream_epochs=7)
     assert [first for first, _ in handed] == [1, 8, 15, 22, 29]  # every 7 epochs, then the rest
     streamed = np.concatenate([rows for _, rows in handed])
     assert streamed.dtype == t.values.dtype and np.array_equal(streamed, t.values)  # the same values, bit for bit

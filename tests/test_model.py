@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import safetensors.torch
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import data, predict, tracking, tracking_worker, train
+from pipeline import data, predict, tracking, tracking_worker
 
 # float32 weights and inputs: a prediction may differ from the float64 oracle by a few units in the last place.
 RTOL, ATOL = 1e-6, 1e-6
@@ -28,7 +29,7 @@ def save_linear(path: Path, w: list[float], b: float) -> torch.nn.Linear:
     with torch.no_grad():
         model.weight.copy_(torch.tensor([w]))
         model.bias.copy_(torch.tensor([b]))
-    path.write_bytes(train.state_dict_bytes(model))
+    path.write_bytes(safetensors.torch.save(model.state_dict()))
     return model
 
 
@@ -143,8 +144,8 @@ def test_the_logged_model_loads_by_uri_and_predicts_what_the_nn_linear_does(root
     example = np.random.default_rng(0).standard_normal((3, len(w))).astype(np.float32)
     tracker = tracking.connect("t", root)
     with tracker.run() as run:
-        tracker.log_params(run, {"train.lr": 0.1})
-        tracker.log_model(run, weights, columns, example, step=7)
+        tracker.log_params({"train.lr": 0.1})
+        tracker.log_model(weights, columns, example, step=7)
     assert run.id is not None
     client = MlflowClient(tracker.uri)
     model_id = logged_model_id(client, run.id)
@@ -180,8 +181,8 @@ def test_a_registered_name_gets_a_new_version_per_model(root: Path) -> None:
     tracker = tracking.connect("t", root)
     for b in (0.0, 1.0):
         save_linear(weights, [3.0], b)
-        with tracker.run() as run:
-            tracker.log_model(run, weights, ["x"], np.zeros((1, 1)), registered_name="linreg")
+        with tracker.run():
+            tracker.log_model(weights, ["x"], np.zeros((1, 1)), registered_name="linreg")
     client = MlflowClient(tracker.uri)
     versions = sorted(client.search_model_versions("name = 'linreg'"), key=lambda v: int(v.version))
     assert [int(v.version) for v in versions] == [1, 2]

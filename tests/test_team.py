@@ -60,7 +60,18 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(tmp_path: Path) -
     sh(repo, "dvc", "repro")
     sh(repo, "git", "commit", "-q", "-am", "repro", check=False)
     venv = Path(sys.executable).parents[1]  # this one: the copy has none, and make would build one
-    sh(repo, "make", "sweep", f"VENV={venv}", "SWEEP=lr-grid", "GRID=train.lr=0.01,0.05,0.1", "JOBS=2")
+    # -o: take this venv as installed; the copy's newer pyproject.toml would make pip reinstall it from the copy.
+    sh(
+        repo,
+        "make",
+        "-o",
+        f"{venv}/.installed",
+        "sweep",
+        f"VENV={venv}",
+        "SWEEP=lr-grid",
+        "GRID=train.lr=0.01,0.05,0.1",
+        "JOBS=2",
+    )
     assert not (repo / ".venv").exists()
     cfg = config.load(repo / "params.yaml")
     client = MlflowClient(tracking.default_uri(repo))

@@ -7,6 +7,7 @@ marked slow.
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import logging
 import os
@@ -24,7 +25,7 @@ from mlflow.data.pandas_dataset import from_pandas
 from mlflow.tracking import MlflowClient
 from mlflow.utils import mlflow_tags
 
-from pipeline import generate, tracking, tracking_worker, train
+from pipeline import generate, record, tracking, tracking_worker, train
 from pipeline.errors import TrackingError
 from tests.conftest import REPO, mlflow_server
 
@@ -66,8 +67,8 @@ def test_environment_overrides_the_store(root: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_the_tag_names_spelt_out_are_mlflows_own() -> None:
-    assert tracking.SOURCE_NAME_TAG == mlflow_tags.MLFLOW_SOURCE_NAME
-    assert tracking.GIT_COMMIT_TAG == mlflow_tags.MLFLOW_GIT_COMMIT
+    assert record.SOURCE_NAME_TAG == mlflow_tags.MLFLOW_SOURCE_NAME
+    assert record.GIT_COMMIT_TAG == mlflow_tags.MLFLOW_GIT_COMMIT
 
 
 @pytest.mark.slow
@@ -75,7 +76,7 @@ def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path
     tracker = tracking.connect("t", root)
     steps = list(range(1250))
     with tracker.run() as run:
-        tracker.log_series(run, {"a": (steps, [0.5 * s for s in steps]), "b": (np.arange(1250), np.full(1250, -1.0))})
+        tracker.log_series({"a": (steps, [0.5 * s for s in steps]), "b": (np.arange(1250), np.full(1250, -1.0))})
     assert run.id is not None
     client = client_for(tracker)
     assert sorted((p.step, p.value) for p in client.get_metric_history(run.id, "a")) == [(s, 0.5 * s) for s in steps]
@@ -85,7 +86,7 @@ def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path
 
 def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The worker's session, run here in-process so that its client's requests can be counted.
-    session = tracking_worker.Session.open(tracking.default_uri(root), "t")
+    session = tracking_worker.Session(tracking.default_uri(root), "t", say=lambda kind, value: None)
     session.start(None, None, {})
     calls: list[int] = []
     log_batch = session.client.log_batch
@@ -105,7 +106,7 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
 def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(RuntimeError), tracker.run() as run:
-        tracker.set_tags(run, {tracking.MODEL_TAG: "abc"})
+        tracker.set_tags({record.MODEL_TAG: "abc"})
         raise RuntimeError("boom")
     assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
     assert tracker.find_run("abc") is None  # evaluate must not attach to a failed run
@@ -115,7 +116,7 @@ def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> No
 def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(KeyboardInterrupt), tracker.run() as run:
-        tracker.log_params(run, {"a": 1})
+        tracker.log_params({"a": 1})
         pid = tracker.worker_pid
         assert pid is not None
         os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, the worker included
@@ -133,16 +134,16 @@ def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
     ids = []
     for _ in range(2):
         with tracker.run() as run:
-            tracker.set_tags(run, {tracking.MODEL_TAG: "same"})
+            tracker.set_tags({record.MODEL_TAG: "same"})
         ids.append(run.id)
-    with pytest.raises(RuntimeError), tracker.run() as failed:  # newer, but FAILED: never attached to
-        tracker.set_tags(failed, {tracking.MODEL_TAG: "same"})
+    with pytest.raises(RuntimeError), tracker.run():  # newer, but FAILED: never attached to
+        tracker.set_tags({record.MODEL_TAG: "same"})
         raise RuntimeError
     assert tracker.find_run("same") == ids[-1]
     assert tracker.find_run("other") is None
     caplog.clear()
     with caplog.at_level(logging.INFO, "pipeline"), tracker.run(attach_to_model="same") as again:
-        tracker.log_metrics(again, {"m": 2.0})
+        tracker.log_metrics({"m": 2.0})
     assert again.id == ids[-1]
     found = client_for(tracker).get_run(ids[-1])
     assert found.info.status == "FINISHED" and found.data.metrics["m"] == 2.0
@@ -161,7 +162,7 @@ def test_attach_to_an_unknown_model_starts_a_tagged_run_with_a_warning(
         pass
     assert run.id is not None
     tags = client_for(tracker).get_run(run.id).data.tags
-    assert tags[tracking.MODEL_TAG] == "nope" and tags["origin"] == "evaluate"
+    assert tags[record.MODEL_TAG] == "nope" and tags["origin"] == "evaluate"
     assert [r.message for r in caplog.records] == [
         f"no MLflow run trained model nope in {tracker.uri}; starting a new run"
     ]
@@ -180,9 +181,9 @@ def test_calls_return_while_the_worker_cannot_even_open_the_store(root: Path) ->
         tracker = tracking.connect("t", root)
         start = time.monotonic()
         with tracker.run() as run:
-            tracker.log_params(run, {f"p{i}": i for i in range(300)})
-            tracker.log_series(run, {"big": (np.arange(20_000), np.arange(20_000) * 0.5)})  # 5 times a pipe's buffer
-            tracker.log_artifact(run, root / "a.txt")
+            tracker.log_params({f"p{i}": i for i in range(300)})
+            tracker.log_series({"big": (np.arange(20_000), np.arange(20_000) * 0.5)})  # 5 times a pipe's buffer
+            tracker.log_artifact(root / "a.txt")
             elapsed = time.monotonic() - start
             assert run.id is None  # no run exists yet: nothing has reached the store
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -203,8 +204,8 @@ def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> 
     deleted.write_text("as logged too")
     tracker = tracking.connect("t", root)
     with tracker.run() as run:
-        tracker.log_artifact(run, replaced)
-        tracker.log_artifact(run, deleted, "sub")
+        tracker.log_artifact(replaced)
+        tracker.log_artifact(deleted, "sub")
         replaced.write_text("rewritten right after")  # what an atomic write or a temporary folder does next
         deleted.unlink()
         deleted.parent.rmdir()
@@ -217,7 +218,7 @@ def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> 
 def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError, match=r"cannot log .*none\.txt: No such file"), tracker.run() as run:
-        tracker.log_artifact(run, root / "none.txt")
+        tracker.log_artifact(root / "none.txt")
     assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
 
 
@@ -230,7 +231,6 @@ def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path
     tracker = tracking.connect("t", root)
     with tracker.run() as run:
         tracker.log_dataset(
-            run,
             source="data/generated/train.parquet",
             name="train",
             digest="d41d8",
@@ -249,8 +249,8 @@ def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path
 def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError) as raised, tracker.run() as run:
-        tracker.log_params(run, {"a": 1})
-        tracker.log_params(run, {"a": 2})  # MLflow refuses to change a logged param
+        tracker.log_params({"a": 1})
+        tracker.log_params({"a": 2})  # MLflow refuses to change a logged param
     message = str(raised.value)
     assert message.startswith(f"MLflow store {tracker.uri}: Changing param values is not allowed")
     assert "\n" not in message
@@ -260,8 +260,8 @@ def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(r
 @pytest.mark.slow
 def test_a_worker_that_dies_is_a_one_line_error_naming_the_store(root: Path) -> None:
     tracker = tracking.connect("t", root)
-    with pytest.raises(TrackingError) as raised, tracker.run() as run:
-        tracker.log_params(run, {"a": 1})
+    with pytest.raises(TrackingError) as raised, tracker.run():
+        tracker.log_params({"a": 1})
         pid = tracker.worker_pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
@@ -290,12 +290,12 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
     def no_process(*args: object, **kwargs: object) -> None:
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(tracking.subprocess, "Popen", no_process)
+    monkeypatch.setattr(tracking, "Worker", no_process)
     tracker = tracking.connect("t", root)
-    with tracker.run(attach_to_model="m") as run:
-        tracker.log_params(run, {"a": 1})
-        tracker.log_series(run, {"s": ([1], [1.0])})
-        tracker.log_artifact(run, root / "none.txt")
+    with tracker.run(attach_to_model="m"):
+        tracker.log_params({"a": 1})
+        tracker.log_series({"s": ([1], [1.0])})
+        tracker.log_artifact(root / "dvc.yaml")
     assert tracker.find_run("m") is None and not (root / "mlruns").exists()
 
 
@@ -309,7 +309,7 @@ def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
         steps = np.arange(2345)
         series = {name: (steps, np.sin(steps * (i + 1))) for i, name in enumerate(("a", "b", "c"))}
         with tracker.run() as run:
-            tracker.log_series(run, series)  # the three series side by side, each in 3 requests
+            tracker.log_series(series)  # the three series side by side, each in 3 requests
         client = MlflowClient(tracker.uri)
         for name, (s, v) in series.items():
             got = sorted((p.step, p.value) for p in client.get_metric_history(run.id or "", name))
@@ -317,8 +317,28 @@ def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
             assert client.get_run(run.id or "").data.metrics[name] == v[-1]  # the latest value is the last step's
         # A request that fails in the background still fails the run's end, in one line.
         with pytest.raises(TrackingError) as raised, tracker.run() as run:
-            tracker.log_params(run, {"p": 1})
-            tracker.log_series(run, series)
-            tracker.log_params(run, {"p": 2})  # MLflow refuses to change a logged param
+            tracker.log_params({"p": 1})
+            tracker.log_series(series)
+            tracker.log_params({"p": 2})  # MLflow refuses to change a logged param
         assert str(raised.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(raised.value)
         assert client.get_run(run.id or "").info.status == "FAILED"
+
+
+def test_every_command_the_stage_sends_is_a_method_of_the_workers_session() -> None:
+    # The stage names each command by a string; the worker calls the Session method of that name.
+    tree = ast.parse(Path(tracking.__file__).read_text())
+    sent = {
+        call.args[0].value
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr in ("_send", "send", "ask")
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
+    }
+    commands = {n for n, f in vars(tracking_worker.Session).items() if callable(f) and not n.startswith("_")}
+    assert {"start", "log_params", "log_model", "find_run"} <= sent
+    assert sent <= commands, sent - commands
+    # What the worker serves but no stage sends: "end" comes from Worker.end itself.
+    assert commands - sent == {"end"}

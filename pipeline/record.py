@@ -1,0 +1,133 @@
+"""What a run records, in one place: the names of its params, series, metrics, tags and inputs.
+
+train and evaluate log what these functions return, and nothing else but their artifacts and the model. The
+table mirrors "What a run holds" in docs/pipeline.md:
+
+| what                                                          | where in the run | built by                      |
+|---------------------------------------------------------------|------------------|-------------------------------|
+| params.yaml flattened, init.<weight>/init.bias, how it ran    | params           | train_params                  |
+| loss, grad_*, weights and bias per epoch (step 0: the start), | metrics (series) | initial_series, epoch_series, |
+| batch_loss per optimiser step                                 |                  | batch_series                  |
+| train.json at the last epoch; metrics.json, sklearn's gap     | metrics          | train_metrics, eval_metrics   |
+| git, dvc_exp_name, data_md5, sweep, numerics, cpu; model_md5  | tags             | train_tags, evaluate_tags     |
+| the training table, digest = its md5                          | inputs           | dataset                       |
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from pipeline import config, data, numerics
+
+MODEL_TAG = "model_md5"  # the tag that ties evaluate to the run train created: set last, on a complete run
+# MLflow's own tag names (mlflow.utils.mlflow_tags; tests/test_tracking.py checks they still match), spelt out
+# here so that the stages need not import MLflow for two strings.
+SOURCE_NAME_TAG = "mlflow.source.name"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
+
+Series = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (steps, values)
+
+
+def train_params(
+    cfg: config.Config, init: np.ndarray, n_train: int, compiled: bool, device: object, world_size: int
+) -> dict[str, Any]:
+    """Every value of params.yaml, the random start every method begins from, and how the training ran."""
+    names = [*data.weight_names(len(init) - 1), "bias"]
+    start = {f"init.{n}": v for n, v in zip(names, init.tolist(), strict=True)}
+    return (
+        cfg.flat() | start | {"data.n_train": n_train, "compiled": compiled, "device": device, "world_size": world_size}
+    )
+
+
+def initial_series(init: np.ndarray) -> Series:
+    """Step 0 of the weights and bias is the random start, so their curves begin where training did."""
+    names = [*data.weight_names(len(init) - 1), "bias"]
+    return {n: (np.array([0]), init[i : i + 1]) for i, n in enumerate(names)}
+
+
+def epoch_series(first: int, rows: np.ndarray) -> Series:
+    """Rows of the trajectory from epoch `first` on (its columns after "epoch"), one series per column."""
+    k = (rows.shape[1] - 3) // 2
+    steps = np.arange(first, first + len(rows))
+    return {c: (steps, rows[:, j]) for j, c in enumerate(data.trajectory_columns(k)[1:])}
+
+
+def batch_series(batch_loss: np.ndarray) -> Series:
+    return {"batch_loss": (np.arange(1, len(batch_loss) + 1), batch_loss)}
+
+
+def train_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """train.json's numbers, but the start (a param already)."""
+    return {k: v for k, v in flatten(report).items() if not k.startswith("init.")}
+
+
+def eval_metrics(metrics: Mapping[str, Any], sklearn_gap: float | None) -> dict[str, float]:
+    """metrics.json's numbers, and how far scikit-learn is from the closed form written: its last digits are the
+    CPU's, so it goes to the run only, not to metrics.json."""
+    return flatten(metrics) | ({} if sklearn_gap is None else {"closed_form.sklearn_gap": sklearn_gap})
+
+
+def train_tags(data_md5: str, sweep: str | None) -> dict[str, str]:
+    return (
+        provenance_tags("train")
+        | {"data_md5": data_md5}
+        | ({} if sweep is None else {"sweep": sweep})
+        | numerics.tags()
+    )
+
+
+def evaluate_tags() -> dict[str, str]:
+    """The tags of a run evaluate starts itself, when no run in the store trained its model."""
+    return provenance_tags("evaluate") | numerics.tags()
+
+
+def dataset(source: str, digest: str, table: data.Table) -> dict[str, Any]:
+    """The training table as a run input: its file, md5 and shape; the rows themselves stay on disk."""
+    return {
+        "source": source,
+        "name": "train",
+        "digest": digest,
+        "context": "training",
+        "n_rows": len(table),
+        "columns": table.columns,
+    }
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numbers -> {"a.b": value}, the names `dvc metrics` shows; None (not applicable) is left out."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{prefix}{key}.")
+        elif value is not None:
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def provenance_tags(stage: str) -> dict[str, str]:
+    """Git commit, whether tracked files differ from it, and the DVC experiment this runs under, if any."""
+    tags = {SOURCE_NAME_TAG: f"pipeline.{stage}"}
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags[GIT_COMMIT_TAG] = commit
+        # dvc.lock is rewritten by `dvc repro` itself as stages finish; it says nothing about the inputs.
+        status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+        tags["git_dirty"] = "unknown" if status is None else str(bool(status)).lower()
+    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
