@@ -139,7 +139,13 @@ def _check(source: str, ok: bool, key: str, value: Any, rule: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express; returns cfg unchanged."""
-    s, g, t = cfg.source, cfg.generate, cfg.train
+    _validate_generate(cfg.source, cfg.generate)
+    _validate_train(cfg.source, cfg.train, cfg.generate.n_train)
+    _validate_tracking(cfg.source, cfg.tracking)
+    return cfg
+
+
+def _validate_generate(s: str, g: GenerateParams) -> None:
     k = g.n_features
     _check(s, g.n_samples >= k + 3, "generate.n_samples", g.n_samples, f"must be at least {k + 3} for {k} feature(s)")
     _check(s, g.noise_std >= 0, "generate.noise_std", g.noise_std, "must be >= 0")
@@ -155,6 +161,9 @@ def validate(cfg: Config) -> Config:
         f"leaves {g.n_train} train and {g.n_test} test samples of {g.n_samples}; need >= {k + 2} and >= 1",
     )
     _check(s, g.seed >= 0, "generate.seed", g.seed, "must be >= 0")
+
+
+def _validate_train(s: str, t: TrainParams, n_train: int) -> None:
     _check(s, t.method in METHODS, "train.method", t.method, f"must be one of {METHODS}")
     _check(s, t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"must be one of {OPTIMIZERS}")
     # The hand-written methods implement SGD (with momentum); Adam is there to compare, through torch.optim.
@@ -172,10 +181,10 @@ def validate(cfg: Config) -> Config:
     if t.batch_size is not None:
         _check(
             s,
-            1 <= t.batch_size <= g.n_train,
+            1 <= t.batch_size <= n_train,
             "train.batch_size",
             t.batch_size,
-            f"must be between 1 and the {g.n_train} training samples, or null for full batch",
+            f"must be between 1 and the {n_train} training samples, or null for full batch",
         )
     _check(s, t.init_seed >= 0, "train.init_seed", t.init_seed, "must be >= 0")
     _check(s, t.shuffle_seed >= 0, "train.shuffle_seed", t.shuffle_seed, "must be >= 0")
@@ -186,12 +195,13 @@ def validate(cfg: Config) -> Config:
     _check(s, t.device in DEVICES, "train.device", t.device, f"must be one of {DEVICES}")
     _check(s, t.device != "cuda" or t.method == "nn", "train.device", t.device, "runs the nn method only")
     _check(s, t.convergence_tol > 0, "train.convergence_tol", t.convergence_tol, "must be > 0")
-    _check(
-        s, bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment, "must not be empty"
-    )
-    sweep = cfg.tracking.sweep
+
+
+def _validate_tracking(s: str, tr: TrackingParams) -> None:
+    _check(s, bool(tr.experiment.strip()), "tracking.experiment", tr.experiment, "must not be empty")
+    sweep = tr.sweep
     _check(s, sweep is None or bool(sweep.strip()), "tracking.sweep", sweep, "must be null or a non-empty name")
-    name = cfg.tracking.registered_model
+    name = tr.registered_model
     # MLflow refuses these characters in a model name only when it registers, after training: say so first.
     _check(
         s,
@@ -200,7 +210,6 @@ def validate(cfg: Config) -> Config:
         name,
         "must be null or a name without '/' or ':'",
     )
-    return cfg
 
 
 def parse(raw: Any, source: str) -> Config:
