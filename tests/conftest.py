@@ -198,15 +198,3 @@ def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("repo"))
     sh(repo, "dvc", "repro")
     return repo
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with the most slow tests first, each file's tests in their written order: pytest-xdist hands out
-    whole files in this order (pyproject's addopts), so the long files start early rather than run alone at
-    the end."""
-    slow: dict[Path, int] = {}
-    first: dict[Path, int] = {}
-    for index, item in enumerate(items):
-        first.setdefault(item.path, index)
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
