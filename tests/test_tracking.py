@@ -290,7 +290,8 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
     def no_process(*args: object, **kwargs: object) -> None:
         raise AssertionError("a process was started")
 
-    monkeypatch.setattr(tracking, "Worker", no_process)
+    # On the class itself: Tracker's default channel is bound to it when the module loads.
+    monkeypatch.setattr(tracking.Worker, "__init__", no_process)
     tracker = tracking.connect("t", root)
     with tracker.run(attach_to_model="m"):
         tracker.log_params({"a": 1})
