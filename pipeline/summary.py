@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,22 +36,43 @@ def table(m: dict[str, Any], t: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def locate(uri: str, experiment: str, model_md5: str) -> tuple[str, str, str | None] | None:
+    """(experiment id, run id, model id) of the newest finished run that trained this model, if any. Read with
+    MLflow's own client: the stages' worker is for logging while they work, and nothing works meanwhile here."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking_worker import find_run
+
+    db = tracking.sqlite_path(uri)
+    if os.environ.get("PIPELINE_TRACKING") == "off" or (db is not None and not db.exists()):
+        return None  # nothing was tracked: make no store either
+    tracking.check_reachable(uri)
+    client = MlflowClient(uri)
+    with tracking.store_lock(uri):  # an older store's first use migrates it
+        found = client.get_experiment_by_name(experiment)
+    run_id = None if found is None else find_run(client, found.experiment_id, model_md5)
+    if found is None or run_id is None:
+        return None
+    outputs = client.get_run(run_id).outputs
+    models = outputs.model_outputs if outputs is not None else []
+    return found.experiment_id, run_id, models[-1].model_id if models else None
+
+
 def summarise(args: argparse.Namespace) -> None:
     paths = config.dvc_paths(args.dvc_yaml)
     cfg = config.load(args.params)
     metrics = json.loads(Path(paths["metrics"]).read_text())
     print(table(metrics, json.loads(Path(paths["train_metrics"]).read_text())))
     print(f"predict with it: python -m pipeline.predict 1.5 2.0   (the model is {paths['model']})")
-    with tracking.connect(cfg.tracking.experiment) as tracker:
-        run_id = tracker.find_run(md5_file(paths["model"]))
-        model_id = None if run_id is None else tracker.find_model(run_id)
-    if run_id is None:
-        print(f"MLflow: no run for this model in {tracker.uri}")
+    uri = tracking.tracking_uri(tracking.project_root())
+    if (found := locate(uri, cfg.tracking.experiment, md5_file(paths["model"]))) is None:
+        print(f"MLflow: no run for this model in {uri}")
         return
-    print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {tracker.uri}")
-    print(f"browse it: make ui, then {UI_URL}/#/experiments/{tracker.experiment_id}/runs/{run_id}")
+    experiment_id, run_id, model_id = found
+    print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {uri}")
+    print(f"browse it: make ui, then {UI_URL}/#/experiments/{experiment_id}/runs/{run_id}")
     if model_id is not None:
-        print(f"load its model: mlflow.pyfunc.load_model('models:/{model_id}'), with MLFLOW_TRACKING_URI={tracker.uri}")
+        print(f"load its model: mlflow.pyfunc.load_model('models:/{model_id}'), with MLFLOW_TRACKING_URI={uri}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

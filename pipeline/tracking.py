@@ -17,9 +17,8 @@ import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -82,7 +81,6 @@ class Channel(Protocol):
     run_id: str | None  # the run the worker made or reopened, once it has said so
 
     def send(self, command: str, *args: Any) -> None: ...  # queue one command; returns at once
-    def ask(self, command: str, *args: Any) -> Any: ...  # run one command, wait for what it returns
     def end(self, status: str) -> None: ...  # end the run, wait for everything to be logged; TrackingError if not
     def close(self) -> None: ...  # let a worker with no run go
 
@@ -95,7 +93,6 @@ class Offline:
 
     def __init__(self, uri: str, experiment: str) -> None: ...
     def send(self, command: str, *args: Any) -> None: ...
-    def ask(self, command: str, *args: Any) -> Any: ...  # None: nothing was recorded, so nothing is found
     def end(self, status: str) -> None: ...
     def close(self) -> None: ...
 
@@ -127,35 +124,26 @@ class Worker:
         log.debug("tracking worker %d started for %s", self.pid, uri)
         self.run_id: str | None = None
         self.sent, self.eof = 0, False  # until its first command, the worker has not touched the store
-        self.answers: list[Any] = []
         self.error: str | None = None  # the first failure the worker reported
         self.failed: TrackingError | None = None  # raised once, and again by every later call
 
-    def send(self, command: str, *args: Any, answer: bool = False) -> None:
+    def send(self, command: str, *args: Any) -> None:
         if self.failed is not None:
             raise self.failed
         while not self.eof and self.replies.poll():
             self._receive()
         if self.error is None:
             with suppress(BrokenPipeError):  # the worker has exited: its replies say why
-                self.commands.send((command, args, answer))
+                self.commands.send((command, args))
                 self.sent += 1
                 return
         raise self._fail()  # nothing more can be logged: stop the stage now, not at the end of the run
-
-    def ask(self, command: str, *args: Any) -> Any:
-        self.send(command, *args, answer=True)
-        while not self.answers:
-            if self.error is not None or self.eof:
-                raise self._fail()
-            self._receive()
-        return self.answers.pop(0)
 
     def end(self, status: str) -> None:
         if self.failed is not None:
             raise self.failed
         with suppress(BrokenPipeError):
-            self.commands.send(("end", (status,), False))
+            self.commands.send(("end", (status,)))
         self._stop()
         if self.error is not None or self.process.exitcode != 0:
             raise self._fail()
@@ -176,10 +164,8 @@ class Worker:
             log.info("MLflow run %s in %s", value, self.uri)
         elif kind == "warning":
             log.warning("%s", value)
-        elif kind == "error":
+        else:  # "error"
             self.error = self.error or value
-        else:
-            self.answers.append(value)
 
     def _stop(self) -> None:  # wait for the worker to exit, reading what it still says on the way
         self.commands.close()
@@ -194,17 +180,6 @@ class Worker:
         cause = self.error or (killed if code < 0 else f"the tracking worker stopped with exit status {code}")
         self.failed = TrackingError(f"MLflow store {self.uri}: {cause}")
         return self.failed
-
-
-@dataclass
-class Run:
-    """The stage's handle on a run, usable at once: `id` stays None until the worker has made the run."""
-
-    channel: Channel
-
-    @property
-    def id(self) -> str | None:
-        return self.channel.run_id
 
 
 class Tracker:
@@ -223,10 +198,6 @@ class Tracker:
             self._channel = self._new_channel(self.uri, self.experiment)
         return self._channel
 
-    @property
-    def worker_pid(self) -> int | None:
-        return None if self._channel is None else self._channel.pid
-
     def __enter__(self) -> Tracker:
         return self
 
@@ -241,24 +212,10 @@ class Tracker:
     def open(self) -> None:  # let the worker open the store now (as at any first command), without waiting
         self.start().send("open_store")
 
-    # Queries wait for the worker's answer: the stages do not make them.
-
-    @property
-    def experiment_id(self) -> str:
-        return str(self.start().ask("experiment") or "")
-
-    def find_run(self, model_md5: str) -> str | None:
-        """Id of the newest finished run that trained the model with this hash, if any."""
-        return cast(str | None, self.start().ask("find_run", model_md5))
-
-    def find_model(self, run_id: str) -> str | None:
-        """Id of the MLflow model the run logged, if any: load it as models:/<id>."""
-        return cast(str | None, self.start().ask("find_model", run_id))
-
     @contextmanager
     def run(
         self, run_name: str | None = None, attach_to_model: str | None = None, tags_if_new: dict[str, str] | None = None
-    ) -> Iterator[Run]:
+    ) -> Iterator[Channel]:
         """A run, which the worker makes while the body goes on; it ends FINISHED, or FAILED (KILLED on Ctrl-C)
         if the body raises, once the worker has logged everything. attach_to_model: add to the newest FINISHED run
         tagged with this model hash; if there is none, a new run gets `tags_if_new` and the hash, with a warning."""
@@ -267,7 +224,7 @@ class Tracker:
         channel, self._in_run = self.start(), True
         try:
             channel.send("start", run_name, attach_to_model, tags_if_new or {})
-            yield Run(channel)
+            yield channel
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             try:

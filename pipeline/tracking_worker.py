@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,8 +35,8 @@ REQUESTS_IN_FLIGHT = 4  # to a tracking server, at once
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # what MLflow runs to load a logged model
 MODEL_REQUIREMENTS = ("numpy", "pandas", "safetensors")  # what that code imports; MLflow adds itself
 
-Say = Callable[[str, Any], None]  # a reply to the stage: ("run", id), ("warning", text) or ("answer", value)
-Command = tuple[str, tuple[Any, ...], bool]  # a Session method's name, its arguments, whether to answer
+Say = Callable[[str, Any], None]  # a reply to the stage: ("run", id), ("warning", text) or ("error", text)
+Command = tuple[str, tuple[Any, ...]]  # a Session method's name and its arguments
 Inbox = queue.SimpleQueue[Command | None]  # None: the commands have ended
 
 
@@ -64,7 +63,7 @@ class Session:
                 if (found := self.client.get_experiment_by_name(experiment)) is None:
                     raise
                 self.experiment_id = found.experiment_id
-        self.run_id: str | None = None
+        self.run_id = ""  # until start
         self.ended = False
         # A server takes requests side by side (`mlflow server` runs 4 workers); an embedded store gains nothing
         # from threads (its cost is Python in this very process), so it gets its calls in turn.
@@ -72,8 +71,6 @@ class Session:
         self.pending: list[Future[object]] = []
         self.idle: list[Callable[[], object]] = []  # work to do whenever no command is waiting
         self.params: dict[str, str] = {}  # the run's, as logged: the logged model records them too
-        self.staging: str | None = None  # the files received, made at the first (most stages die before any)
-        self.files = 0
 
     def _request(self, call: Callable[..., object], *args: Any) -> None:
         """One logging call: now, or for a server in the pool. Logging calls touch different rows, so their order
@@ -88,38 +85,6 @@ class Session:
         for future in pending:
             future.result()  # the first that failed raises here
 
-    def _file(self, name: str, content: bytes) -> str:  # the stage's copy, under the name MLflow logs it by
-        self.staging = self.staging or tempfile.mkdtemp(prefix="pipeline-artifacts-")
-        self.files += 1
-        path = Path(self.staging, str(self.files), name)
-        path.parent.mkdir()
-        path.write_bytes(content)
-        return str(path)
-
-    def _run(self) -> str:
-        if self.run_id is None:
-            raise RuntimeError("no run has been started")
-        return self.run_id
-
-    # Queries: the stage waits for their answers.
-
-    def experiment(self) -> str:
-        return str(self.experiment_id)
-
-    def find_run(self, model_md5: str) -> str | None:
-        self._drain()
-        query = f"tags.{record.MODEL_TAG} = '{model_md5}' and attributes.status = 'FINISHED'"
-        runs = self.client.search_runs(
-            [self.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
-        )
-        return runs[0].info.run_id if runs else None
-
-    def find_model(self, run_id: str) -> str | None:
-        self._drain()
-        outputs = self.client.get_run(run_id).outputs
-        models = outputs.model_outputs if outputs is not None else []
-        return models[-1].model_id if models else None
-
     # The run.
 
     def open_store(self) -> None:  # nothing more: the store is open by the time any command runs
@@ -127,7 +92,7 @@ class Session:
 
     def start(self, run_name: str | None, attach_to_model: str | None, tags_if_new: dict[str, str]) -> None:
         """Create the run, or reopen the newest finished one that trained `attach_to_model`."""
-        found = None if attach_to_model is None else self.find_run(attach_to_model)
+        found = None if attach_to_model is None else find_run(self.client, self.experiment_id, attach_to_model)
         if found is not None:
             self.client.update_run(found, status="RUNNING")
         self.run_id = found or self.client.create_run(self.experiment_id, run_name=run_name).info.run_id
@@ -138,12 +103,12 @@ class Session:
 
     def end(self, status: str) -> None:
         self._drain()
-        self.client.set_terminated(self._run(), status)
+        self.client.set_terminated(self.run_id, status)
         self.ended = True
 
     def _abandon(self) -> None:
         """Mark an open run FAILED: its stage failed or died."""
-        if self.run_id is not None and not self.ended:
+        if self.run_id and not self.ended:
             try:
                 self.end("FAILED")
             except Exception as e:  # the failure that brought us here is the one to report
@@ -156,13 +121,13 @@ class Session:
 
         self.params |= params
         for batch in chunks([Param(k, v) for k, v in params.items()], PARAMS_PER_REQUEST):
-            self._request(partial(self.client.log_batch, self._run(), params=batch))
+            self._request(partial(self.client.log_batch, self.run_id, params=batch))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         for batch in chunks([RunTag(k, v) for k, v in tags.items()], PARAMS_PER_REQUEST):
-            self._request(partial(self.client.log_batch, self._run(), tags=batch))
+            self._request(partial(self.client.log_batch, self.run_id, tags=batch))
 
     def log_series(self, series: dict[str, tuple[np.ndarray, np.ndarray]], timestamp: int) -> None:
         """1000 points per request, not one per point. Each series is one _request, its batches in order, so no
@@ -171,7 +136,7 @@ class Session:
 
         for name, (steps, values) in series.items():
             points = [Metric(name, v, timestamp, s) for s, v in zip(steps.tolist(), values.tolist(), strict=True)]
-            self._request(self._log_batches, self._run(), chunks(points, METRICS_PER_REQUEST))
+            self._request(self._log_batches, self.run_id, chunks(points, METRICS_PER_REQUEST))
 
     def _log_batches(self, run_id: str, batches: list[list[Any]]) -> None:
         for batch in batches:
@@ -188,14 +153,15 @@ class Session:
         profile = json.dumps({"num_rows": n_rows, "num_elements": n_rows * len(columns)})
         entry = Dataset(name, digest, "local", json.dumps({"uri": source}), schema=schema, profile=profile)
         inputs = [DatasetInput(entry, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-        self._request(self.client.log_inputs, self._run(), inputs)
+        self._request(self.client.log_inputs, self.run_id, inputs)
 
     def log_artifact(self, name: str, content: bytes, artifact_path: str | None) -> None:
-        self._request(self._log_file, self._run(), self._file(name, content), artifact_path)
+        self._request(self._log_file, self.run_id, name, content, artifact_path)
 
-    def _log_file(self, run_id: str, path: str, artifact_path: str | None) -> None:
-        self.client.log_artifact(run_id, path, artifact_path)
-        os.unlink(path)
+    def _log_file(self, run_id: str, name: str, content: bytes, artifact_path: str | None) -> None:
+        with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as folder:  # MLflow logs files by name
+            (path := Path(folder, name)).write_bytes(content)
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def expect_model(self) -> None:
         self.idle.append(prepare_model_logging)  # done while the stage trains
@@ -203,10 +169,10 @@ class Session:
     def log_model(
         self, weights: bytes, columns: list[str], rows: list[list[float]], name: str | None, step: int
     ) -> None:
-        self._request(self._log_model, self._run(), self._file("model.safetensors", weights), columns, rows, name, step)
+        self._request(self._log_model, self.run_id, weights, columns, rows, name, step)
 
     def _log_model(
-        self, run_id: str, weights: str, columns: list[str], rows: list[list[float]], name: str | None, step: int
+        self, run_id: str, weights: bytes, columns: list[str], rows: list[list[float]], name: str | None, step: int
     ) -> None:
         """The pyfunc model of pipeline/mlflow_model.py, as the run's output at `step`.
 
@@ -222,20 +188,28 @@ class Session:
 
         model = self.client.create_logged_model(self.experiment_id, "model", source_run_id=run_id, params=self.params)
         inputs, outputs = Schema([ColSpec(DataType.double, c) for c in columns]), Schema([ColSpec(DataType.float)])
-        Model.log(
-            artifact_path=None,  # deprecated in favour of name, but still a required argument
-            name="model",
-            flavor=mlflow.pyfunc,
-            model_id=model.model_id,
-            python_model=str(MODEL_CODE),
-            artifacts={"weights": weights},
-            signature=ModelSignature(inputs=inputs, outputs=outputs),
-            input_example=pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=columns),
-            pip_requirements=model_requirements(),
-            registered_model_name=name,
-        )
+        with tempfile.TemporaryDirectory(prefix="pipeline-model-") as folder:
+            (path := Path(folder, "model.safetensors")).write_bytes(weights)
+            Model.log(
+                artifact_path=None,  # deprecated in favour of name, but still a required argument
+                name="model",
+                flavor=mlflow.pyfunc,
+                model_id=model.model_id,
+                python_model=str(MODEL_CODE),
+                artifacts={"weights": str(path)},
+                signature=ModelSignature(inputs=inputs, outputs=outputs),
+                input_example=pd.DataFrame(np.asarray(rows, dtype=np.float64), columns=columns),
+                pip_requirements=model_requirements(),
+                registered_model_name=name,
+            )
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
-        os.unlink(weights)
+
+
+def find_run(client: Any, experiment_id: str, model_md5: str) -> str | None:
+    """Id of the newest FINISHED run that trained the model with this hash, if any (`make repro`'s summary too)."""
+    query = f"tags.{record.MODEL_TAG} = '{model_md5}' and attributes.status = 'FINISHED'"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
@@ -285,10 +259,8 @@ def serve(session: Session, first: Command, inbox: Inbox) -> bool:
     """Run `first`, then the commands in order, until "end" (True) or the end of the commands (False)."""
     command: Command | None = first
     while command is not None:
-        name, args, answer = command
-        result = getattr(session, name)(*args)
-        if answer:
-            session.say("answer", result)
+        name, args = command
+        getattr(session, name)(*args)
         if name == "end":
             return True
         while session.idle and inbox.empty():
@@ -319,7 +291,7 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
         # The store opens at the first command: a stage that fails its own checks first creates no store.
         if (first := inbox.get()) is not None:
             session = Session(uri, experiment, say)
-            if not serve(session, first, inbox) and session.run_id is not None:
+            if not serve(session, first, inbox) and session.run_id:
                 print(f"tracking worker: the stage ended without ending MLflow run {session.run_id}", file=sys.stderr)
                 session._abandon()
     except Exception as e:
@@ -327,8 +299,6 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
         if session is not None:
             session._abandon()
         status = 1
-    if session is not None and session.staging is not None:
-        shutil.rmtree(session.staging, ignore_errors=True)
     # Everything is committed. A normal exit would spend a second finalising MLflow's modules; the stage waits.
     sys.stdout.flush()
     sys.stderr.flush()

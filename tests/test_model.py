@@ -146,13 +146,16 @@ def test_the_logged_model_loads_by_uri_and_predicts_what_the_nn_linear_does(root
     with tracker.run() as run:
         tracker.log_params({"train.lr": 0.1})
         tracker.log_model(weights, columns, example, step=7)
-    assert run.id is not None
+    assert run.run_id is not None
     client = MlflowClient(tracker.uri)
-    model_id = logged_model_id(client, run.id)
-    outputs = client.get_run(run.id).outputs
+    model_id = logged_model_id(client, run.run_id)
+    outputs = client.get_run(run.run_id).outputs
     assert outputs is not None and outputs.model_outputs[0].step == 7
     logged = client.get_logged_model(model_id)
-    assert logged.experiment_id == tracker.experiment_id and logged.source_run_id == run.id
+    assert (
+        logged.experiment_id == client.get_experiment_by_name(tracker.experiment).experiment_id
+        and logged.source_run_id == run.run_id
+    )
     assert logged.params == {"train.lr": "0.1"} and str(logged.status) == "READY"
 
     model = mlflow.pyfunc.load_model(f"models:/{model_id}")

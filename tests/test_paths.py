@@ -124,6 +124,27 @@ def test_make_repro_writes_the_outputs_and_the_mlflow_store_inside_the_folder(re
     assert (file_path(model_uri) / "MLmodel").is_file()
 
 
+def test_the_summary_points_at_the_run_and_the_model_the_store_holds(repro_repo: Path, tmp_path: Path) -> None:
+    db = repro_repo / "mlruns" / "mlflow.db"
+    [(experiment, run, model)] = query(
+        db,
+        "SELECT runs.experiment_id, runs.run_uuid, logged_models.model_id FROM runs"
+        " JOIN logged_models ON logged_models.source_run_id = runs.run_uuid WHERE runs.status = 'FINISHED'",
+    )
+    lines = sh(repro_repo, sys.executable, "-m", "pipeline.summary").stdout.splitlines()
+    assert f"MLflow run {run} (experiment 'linear-regression') in sqlite:///{db}" in lines
+    assert f"browse it: make ui, then http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}" in lines
+    assert any(line.startswith(f"load its model: mlflow.pyfunc.load_model('models:/{model}')") for line in lines)
+    # A store that does not exist: the summary says so, and makes none.
+    absent = f"sqlite:///{tmp_path / 'absent.db'}"
+    env = pipeline_env(MLFLOW_TRACKING_URI=absent)
+    assert (
+        f"MLflow: no run for this model in {absent}"
+        in sh(repro_repo, sys.executable, "-m", "pipeline.summary", env=env).stdout
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_and_the_logged_model_work_in_the_folder(repro_repo: Path) -> None:
     learned = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
     expected = learned["weight"]["learned"] * 1.5 + learned["bias"]["learned"]

@@ -18,7 +18,7 @@ import pytest
 from dvc.utils.serialize import parse_yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline import config, data, evaluate, tracking, train
+from pipeline import config, data, evaluate, summary, tracking, train
 from pipeline.errors import ConfigError, TrackingError
 from pipeline.io import md5_file
 from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh, wait_for_port
@@ -243,10 +243,11 @@ def test_noop_repro_makes_no_run_and_a_run_cache_restore_stays_findable(repo: Pa
     out = sh(repo, "dvc", "repro").stdout  # back to 0.1: DVC restores train and evaluate from its run cache
     assert "Stage 'train' is cached - skipping run" in out, out
     assert len(runs_in(repo)) == count + 1  # only the lr=0.05 execution made a run
-    tracker = tracking.connect(config.load(params).tracking.experiment, repo)
-    run_id = tracker.find_run(md5_file(repo / "data/model/model.safetensors"))
-    tracker.close()
-    assert run_id is not None and "weight.learned" in MlflowClient(tracker.uri).get_run(run_id).data.metrics
+    uri = tracking.default_uri(repo)  # what make repro's summary finds for the restored model:
+    found = summary.locate(
+        uri, config.load(params).tracking.experiment, md5_file(repo / "data/model/model.safetensors")
+    )
+    assert found is not None and "weight.learned" in MlflowClient(uri).get_run(found[1]).data.metrics
 
 
 # An unreachable tracking server fails the stage in seconds, naming the URI, before any output.
@@ -413,9 +414,9 @@ def test_artifact_paths_that_leave_the_run_are_refused(tmp_path: Path, bad: str)
     with pytest.raises(TrackingError, match="Invalid artifact path") as refused, tracker.run() as run:
         tracker.log_artifact(tmp_path / "dvc.yaml", bad)
     assert str(refused.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(refused.value)
-    assert run.id is not None
+    assert run.run_id is not None
     client = MlflowClient(tracker.uri)
-    assert client.get_run(run.id).info.status == "FAILED" and client.list_artifacts(run.id) == []
+    assert client.get_run(run.run_id).info.status == "FAILED" and client.list_artifacts(run.run_id) == []
 
 
 # Params errors leave nothing behind, run directly as through DVC (the DVC side: test_pipeline_e2e.py).

@@ -43,6 +43,12 @@ def client_for(tracker: tracking.Tracker) -> MlflowClient:
     return MlflowClient(tracker.uri)
 
 
+def find_run(tracker: tracking.Tracker, model_md5: str) -> str | None:
+    client = client_for(tracker)
+    experiment = client.get_experiment_by_name(tracker.experiment)
+    return None if experiment is None else tracking_worker.find_run(client, experiment.experiment_id, model_md5)
+
+
 def artifact_file(tracker: tracking.Tracker, run_id: str, path: str) -> Path:
     uri = client_for(tracker).get_run(run_id).info.artifact_uri
     return Path(unquote(urlparse(uri).path)) / path
@@ -77,11 +83,13 @@ def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path
     steps = list(range(1250))
     with tracker.run() as run:
         tracker.log_series({"a": (steps, [0.5 * s for s in steps]), "b": (np.arange(1250), np.full(1250, -1.0))})
-    assert run.id is not None
+    assert run.run_id is not None
     client = client_for(tracker)
-    assert sorted((p.step, p.value) for p in client.get_metric_history(run.id, "a")) == [(s, 0.5 * s) for s in steps]
-    assert len(client.get_metric_history(run.id, "b")) == 1250
-    assert client.get_experiment(tracker.experiment_id).artifact_location == (root / "mlruns" / "artifacts").as_uri()
+    assert sorted((p.step, p.value) for p in client.get_metric_history(run.run_id, "a")) == [
+        (s, 0.5 * s) for s in steps
+    ]
+    assert len(client.get_metric_history(run.run_id, "b")) == 1250
+    assert client.get_experiment_by_name("t").artifact_location == (root / "mlruns" / "artifacts").as_uri()
 
 
 def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,7 +107,7 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
     session.log_series({"a": (np.arange(1250), np.zeros(1250)), "b": (np.arange(1250), np.ones(1250))}, 0)
     session.end("FINISHED")
     assert calls == [1000, 250, 1000, 250]  # each request holds one series
-    assert len(MlflowClient(session.uri).get_metric_history(session._run(), "b")) == 1250
+    assert len(MlflowClient(session.uri).get_metric_history(session.run_id, "b")) == 1250
 
 
 @pytest.mark.slow
@@ -108,8 +116,8 @@ def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> No
     with pytest.raises(RuntimeError), tracker.run() as run:
         tracker.set_tags({record.MODEL_TAG: "abc"})
         raise RuntimeError("boom")
-    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
-    assert tracker.find_run("abc") is None  # evaluate must not attach to a failed run
+    assert run.run_id is not None and client_for(tracker).get_run(run.run_id).info.status == "FAILED"
+    assert find_run(tracker, "abc") is None  # evaluate must not attach to a failed run
 
 
 @pytest.mark.slow
@@ -117,12 +125,12 @@ def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(KeyboardInterrupt), tracker.run() as run:
         tracker.log_params({"a": 1})
-        pid = tracker.worker_pid
+        pid = tracker.start().pid
         assert pid is not None
         os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, the worker included
         raise KeyboardInterrupt
-    assert run.id is not None
-    finished = client_for(tracker).get_run(run.id)
+    assert run.run_id is not None
+    finished = client_for(tracker).get_run(run.run_id)
     assert finished.info.status == "KILLED" and finished.data.params == {"a": "1"}  # the worker carried on
 
 
@@ -135,16 +143,16 @@ def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
     for _ in range(2):
         with tracker.run() as run:
             tracker.set_tags({record.MODEL_TAG: "same"})
-        ids.append(run.id)
+        ids.append(run.run_id)
     with pytest.raises(RuntimeError), tracker.run():  # newer, but FAILED: never attached to
         tracker.set_tags({record.MODEL_TAG: "same"})
         raise RuntimeError
-    assert tracker.find_run("same") == ids[-1]
-    assert tracker.find_run("other") is None
+    assert find_run(tracker, "same") == ids[-1]
+    assert find_run(tracker, "other") is None
     caplog.clear()
     with caplog.at_level(logging.INFO, "pipeline"), tracker.run(attach_to_model="same") as again:
         tracker.log_metrics({"m": 2.0})
-    assert again.id == ids[-1]
+    assert again.run_id == ids[-1]
     found = client_for(tracker).get_run(ids[-1])
     assert found.info.status == "FINISHED" and found.data.metrics["m"] == 2.0
     assert [r.message for r in caplog.records] == [f"MLflow run {ids[-1]} in {tracker.uri}"]
@@ -160,8 +168,8 @@ def test_attach_to_an_unknown_model_starts_a_tagged_run_with_a_warning(
         tracker.run(attach_to_model="nope", tags_if_new={"origin": "evaluate"}) as run,
     ):
         pass
-    assert run.id is not None
-    tags = client_for(tracker).get_run(run.id).data.tags
+    assert run.run_id is not None
+    tags = client_for(tracker).get_run(run.run_id).data.tags
     assert tags[record.MODEL_TAG] == "nope" and tags["origin"] == "evaluate"
     assert [r.message for r in caplog.records] == [
         f"no MLflow run trained model nope in {tracker.uri}; starting a new run"
@@ -185,15 +193,15 @@ def test_calls_return_while_the_worker_cannot_even_open_the_store(root: Path) ->
             tracker.log_series({"big": (np.arange(20_000), np.arange(20_000) * 0.5)})  # 5 times a pipe's buffer
             tracker.log_artifact(root / "a.txt")
             elapsed = time.monotonic() - start
-            assert run.id is None  # no run exists yet: nothing has reached the store
+            assert run.run_id is None  # no run exists yet: nothing has reached the store
             fcntl.flock(lock, fcntl.LOCK_UN)
         safety.cancel()
     assert elapsed < 5, f"the calls took {elapsed:.1f} s: they waited for the worker"
-    assert run.id is not None
+    assert run.run_id is not None
     client = client_for(tracker)
-    assert len(client.get_run(run.id).data.params) == 300
-    assert len(client.get_metric_history(run.id, "big")) == 20_000
-    assert [a.path for a in client.list_artifacts(run.id)] == ["a.txt"]
+    assert len(client.get_run(run.run_id).data.params) == 300
+    assert len(client.get_metric_history(run.run_id, "big")) == 20_000
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["a.txt"]
 
 
 @pytest.mark.slow
@@ -209,9 +217,9 @@ def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> 
         replaced.write_text("rewritten right after")  # what an atomic write or a temporary folder does next
         deleted.unlink()
         deleted.parent.rmdir()
-    assert run.id is not None
-    assert artifact_file(tracker, run.id, "replaced.txt").read_text() == "as logged"
-    assert artifact_file(tracker, run.id, "sub/deleted.txt").read_text() == "as logged too"
+    assert run.run_id is not None
+    assert artifact_file(tracker, run.run_id, "replaced.txt").read_text() == "as logged"
+    assert artifact_file(tracker, run.run_id, "sub/deleted.txt").read_text() == "as logged too"
 
 
 @pytest.mark.slow
@@ -219,7 +227,7 @@ def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(root: Path) -> 
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError, match=r"cannot log .*none\.txt: No such file"), tracker.run() as run:
         tracker.log_artifact(root / "none.txt")
-    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
+    assert run.run_id is not None and client_for(tracker).get_run(run.run_id).info.status == "FAILED"
 
 
 @pytest.mark.slow
@@ -238,8 +246,8 @@ def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path
             n_rows=len(table),
             columns=list(table.columns),
         )
-    assert run.id is not None
-    (logged,) = client_for(tracker).get_run(run.id).inputs.dataset_inputs
+    assert run.run_id is not None
+    (logged,) = client_for(tracker).get_run(run.run_id).inputs.dataset_inputs
     expected = oracle.to_dict()
     assert {k: getattr(logged.dataset, k) for k in expected} == expected
     assert [(t.key, t.value) for t in logged.tags] == [(mlflow_tags.MLFLOW_DATASET_CONTEXT, "training")]
@@ -254,7 +262,7 @@ def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(r
     message = str(raised.value)
     assert message.startswith(f"MLflow store {tracker.uri}: Changing param values is not allowed")
     assert "\n" not in message
-    assert run.id is not None and client_for(tracker).get_run(run.id).info.status == "FAILED"
+    assert run.run_id is not None and client_for(tracker).get_run(run.run_id).info.status == "FAILED"
 
 
 @pytest.mark.slow
@@ -262,7 +270,7 @@ def test_a_worker_that_dies_is_a_one_line_error_naming_the_store(root: Path) -> 
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError) as raised, tracker.run():
         tracker.log_params({"a": 1})
-        pid = tracker.worker_pid
+        pid = tracker.start().pid
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
     assert str(raised.value) == f"MLflow store {tracker.uri}: the tracking worker was killed by signal 9"
@@ -297,7 +305,7 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
         tracker.log_params({"a": 1})
         tracker.log_series({"s": ([1], [1.0])})
         tracker.log_artifact(root / "dvc.yaml")
-    assert tracker.find_run("m") is None and not (root / "mlruns").exists()
+    assert not (root / "mlruns").exists()
 
 
 @pytest.mark.slow
@@ -313,16 +321,16 @@ def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
             tracker.log_series(series)  # the three series side by side, each in 3 requests
         client = MlflowClient(tracker.uri)
         for name, (s, v) in series.items():
-            got = sorted((p.step, p.value) for p in client.get_metric_history(run.id or "", name))
+            got = sorted((p.step, p.value) for p in client.get_metric_history(run.run_id or "", name))
             assert got == list(zip(s.tolist(), v.tolist(), strict=True))
-            assert client.get_run(run.id or "").data.metrics[name] == v[-1]  # the latest value is the last step's
+            assert client.get_run(run.run_id or "").data.metrics[name] == v[-1]  # the latest value is the last step's
         # A request that fails in the background still fails the run's end, in one line.
         with pytest.raises(TrackingError) as raised, tracker.run() as run:
             tracker.log_params({"p": 1})
             tracker.log_series(series)
             tracker.log_params({"p": 2})  # MLflow refuses to change a logged param
         assert str(raised.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(raised.value)
-        assert client.get_run(run.id or "").info.status == "FAILED"
+        assert client.get_run(run.run_id or "").info.status == "FAILED"
 
 
 def test_every_command_the_stage_sends_is_a_method_of_the_workers_session() -> None:
@@ -333,13 +341,13 @@ def test_every_command_the_stage_sends_is_a_method_of_the_workers_session() -> N
         for call in ast.walk(tree)
         if isinstance(call, ast.Call)
         and isinstance(call.func, ast.Attribute)
-        and call.func.attr in ("_send", "send", "ask")
+        and call.func.attr in ("_send", "send")
         and call.args
         and isinstance(call.args[0], ast.Constant)
         and isinstance(call.args[0].value, str)
     }
     commands = {n for n, f in vars(tracking_worker.Session).items() if callable(f) and not n.startswith("_")}
-    assert {"start", "log_params", "log_model", "find_run"} <= sent
+    assert {"start", "log_params", "log_model", "open_store"} <= sent
     assert sent <= commands, sent - commands
     # What the worker serves but no stage sends: "end" comes from Worker.end itself.
     assert commands - sent == {"end"}
