@@ -25,6 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 SETUP_BUILT = ("web/dvc-plots.html",)  # git ignores them; `make install` builds them (Makefile)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one test process more than cores. tests/test_cpus.py's process only waits while its emulated
+    CPUs run (at low priority, in the time the others leave): without a spare, the rest would share one core."""
+    return (os.cpu_count() or 1) + 1
+
+
 @pytest.fixture
 def cfg() -> config.Config:
     """The project's own params.yaml, validated: unit tests start from the defaults a user gets."""
@@ -108,6 +114,7 @@ def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
     server = subprocess.Popen(
         [
             *(str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),
+            *("--workers", "1"),  # a server for the client's tests: one process to start, not four
             *("--backend-store-uri", backend or f"sqlite:///{folder}/server.db"),
             *("--default-artifact-root", str(folder / "server-artifacts")),
         ],

@@ -63,8 +63,8 @@ def params_files(folder: Path) -> list[Path]:
 
 def start(out: Path, files: list[Path], cpu: str | None) -> subprocess.Popen[bytes]:
     """tests/stages_once.py natively (cpu None) or under an emulated CPU, with an inductor cache of its own:
-    each CPU compiles the step itself."""
-    emulate = [] if cpu is None else ["qemu-x86_64", "-cpu", cpu]
+    each CPU compiles the step itself. At a lower priority: the other test processes' waits are its time."""
+    emulate = ["nice", "-n", "5"] + ([] if cpu is None else ["qemu-x86_64", "-cpu", cpu])
     env = pipeline_env(TORCHINDUCTOR_CACHE_DIR=str(out / "inductor"))
     cmd = [*emulate, sys.executable, str(REPO / "tests" / "stages_once.py"), str(out), *map(str, files)]
     log = (out.parent / f"{out.name}.log").open("wb")
