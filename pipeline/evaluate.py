@@ -164,8 +164,10 @@ def evaluate(args: argparse.Namespace) -> None:
             write_bytes_atomic(Path(args.plots) / name, png)
 
         # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
-        with tracker.run(attach_to_model=md5_file(args.model), tags_if_new=record.evaluate_tags()):
+        model_md5, data_md5 = md5_file(args.model), md5_file(args.train_data)
+        with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags()):
             tracker.log_metrics(record.eval_metrics(metrics, sklearn_gap))
+            tracker.set_tags({record.NOTE_TAG: record.description(metrics, train_metrics, data_md5, model_md5)})
             tracker.log_artifact(args.metrics)
             for name in pngs:
                 tracker.log_artifact(Path(args.plots) / name, "plots")

@@ -10,6 +10,8 @@ table mirrors "What a run holds" in docs/pipeline.md:
 | batch_loss per optimiser step                                 |                  | batch_series                  |
 | train.json at the last epoch; metrics.json, sklearn's gap     | metrics          | train_metrics, eval_metrics   |
 | git, dvc_exp_name, data_md5, sweep, numerics, cpu; model_md5  | tags             | train_tags, evaluate_tags     |
+| the method, optimiser, lr and epochs, or the DVC experiment   | run name         | run_name                      |
+| the result, its hashes and how to reproduce it (markdown)     | description      | description                   |
 | the training table, digest = its md5                          | inputs           | dataset                       |
 """
 
@@ -29,6 +31,10 @@ MODEL_TAG = "model_md5"  # the tag that ties evaluate to the run train created: 
 # here so that the stages need not import MLflow for two strings.
 SOURCE_NAME_TAG = "mlflow.source.name"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI, rendered as markdown
+# The experiment's kind: MLflow 3's UI opens a "custom_model_development" one on its model-training pages (runs,
+# metrics, models), and one without the tag in its GenAI mode (traces, prompts, judges).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (steps, values)
@@ -85,6 +91,47 @@ def train_tags(data_md5: str, sweep: str | None) -> dict[str, str]:
 def evaluate_tags() -> dict[str, str]:
     """The tags of a run evaluate starts itself, when no run in the store trained its model."""
     return provenance_tags("evaluate") | numerics.tags()
+
+
+def run_name(cfg: config.Config) -> str:
+    """What ran, as the MLflow UI lists it: the DVC experiment's name under `dvc exp`, else the settings that
+    tell one repro from the next."""
+    t = cfg.train
+    return os.environ.get("DVC_EXP_NAME") or f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep"
+
+
+def description(metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5: str, model_md5: str) -> str:
+    """The run's Description in the MLflow UI (markdown): the result against the closed form and the truth, the
+    convergence against theory, the inputs' hashes, and how to get the same bytes again."""
+    se, gap = metrics["statistical_error"], metrics["optimisation_gap"]
+    rows = ["| | true | learned | closed form | optimisation gap | statistical error (its SE) |", "|" + "---|" * 6]
+    for n in gap:
+        v, error = metrics[n], f"{se[n]:.3g} ({se[n + '_se']:.3g})" if n in se else "–"
+        rows.append(f"| {n} | {v['true']:.6g} | {v['learned']:.6g} | {v['closed_form']:.6g} | {gap[n]:.3g} | {error} |")
+    c, test = report["convergence"], metrics["test"]
+    observed, predicted = c["observed_epochs"], c["predicted_epochs"]
+    reached = f"after **{observed}** epochs" if observed is not None else "**not reached** in the epochs run"
+    bound = f"theory: at most {predicted}" if predicted is not None else "theory bounds plain full-batch descent only"
+    tags = provenance_tags("evaluate")
+    commit, experiment = tags.get(GIT_COMMIT_TAG), tags.get("dvc_exp_name")
+    if experiment:
+        again = f"`dvc exp apply {experiment}`"
+    elif commit:
+        dirty = " (the working tree differed from it)" if tags.get("git_dirty") == "true" else ""
+        again = f"`git checkout {commit}`, then `dvc repro`{dirty}"
+    else:
+        again = "`dvc repro` with the same params.yaml (no git commit was recorded)"
+    return "\n".join(
+        [
+            *rows,
+            "",
+            f"Within {c['tolerance']:g} of the closed form: {reached} ({bound}); largest stable lr "
+            f"{report['stability']['lr_max']:.4g}. Test MSE {test['mse_learned']:.6g} (closed form "
+            f"{test['mse_closed_form']:.6g}).",
+            "",
+            f"Data md5 `{data_md5}`, model md5 `{model_md5}`. The same bytes again: {again}.",
+        ]
+    )
 
 
 def dataset(source: str, digest: str, table: data.Table) -> dict[str, Any]:

@@ -14,6 +14,9 @@ from pipeline import cli, config, tracking
 from pipeline.io import md5_file
 
 UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the MLflow UI
+# MLflow 3.17's UI opens every experiment in its GenAI mode unless the page asks for model training: it reads
+# the mode from this parameter or from what the browser chose last, not from the experiment's mlflow.experimentKind.
+UI_MODE = "workflowType=machine_learning"
 
 
 def table(m: dict[str, Any], t: dict[str, Any]) -> str:
@@ -70,7 +73,7 @@ def summarise(args: argparse.Namespace) -> None:
         return
     experiment_id, run_id, model_id = found
     print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {uri}")
-    print(f"browse it: make ui, then {UI_URL}/#/experiments/{experiment_id}/runs/{run_id}")
+    print(f"browse it: make ui, then {UI_URL}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}")
     if model_id is not None:
         print(f"load its model: mlflow.pyfunc.load_model('models:/{model_id}'), with MLFLOW_TRACKING_URI={uri}")
 

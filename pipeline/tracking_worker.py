@@ -54,15 +54,18 @@ class Session:
             # In a SQLite store's folder, not in ./mlruns (for a queued DVC experiment, a temporary copy).
             db = tracking.sqlite_path(uri)
             location = (db.parent / "artifacts").as_uri() if db else None
+            kind = {record.EXPERIMENT_KIND_TAG: record.EXPERIMENT_KIND}
             try:
                 found = self.client.get_experiment_by_name(experiment)
                 self.experiment_id = (
-                    found.experiment_id if found else self.client.create_experiment(experiment, location)
+                    found.experiment_id if found else self.client.create_experiment(experiment, location, kind)
                 )
             except MlflowException:  # created meanwhile by another process sharing a server
                 if (found := self.client.get_experiment_by_name(experiment)) is None:
                     raise
                 self.experiment_id = found.experiment_id
+            if found is not None and record.EXPERIMENT_KIND_TAG not in found.tags:  # made before the project set it
+                self.client.set_experiment_tag(self.experiment_id, *kind.popitem())
         self.run_id = ""  # until start
         self.ended = False
         # A server takes requests side by side (`mlflow server` runs 4 workers); an embedded store gains nothing

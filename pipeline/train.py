@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -44,7 +43,7 @@ def train(args: argparse.Namespace) -> None:
             table = data.read_table(args.data)
             moments, stab = check(cfg, args.data, table)
             dev, rows = distributed.place(p.method, p.device, p.batch_size, len(table), cfg.source)
-            with tracker.run(run_name=os.environ.get("DVC_EXP_NAME")):
+            with tracker.run(run_name=record.run_name(cfg)):
                 data_md5 = md5_file(args.data)
                 tracker.set_tags(record.train_tags(data_md5, cfg.tracking.sweep))
                 tracker.expect_model()  # the worker prepares for log_model while this process trains

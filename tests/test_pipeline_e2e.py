@@ -69,7 +69,13 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(repro_repo: Pa
     assert {k: run.data.tags[f"numerics.{k}"] for k in numerics.PORTABLE} == (
         numerics.PORTABLE if numerics.portable_here() else {k: "unset" for k in numerics.PORTABLE}
     )
-    assert run.data.tags["mlflow.source.git.commit"] == sh(repro_repo, "git", "rev-parse", "HEAD").stdout.strip()
+    commit = sh(repro_repo, "git", "rev-parse", "HEAD").stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == commit
+    # Its description: plain gradient descent converged as theory bounds it, and the way back to these bytes.
+    c = json.loads((repro_repo / "data/metrics/train.json").read_text())["convergence"]
+    note = run.data.tags["mlflow.note.content"]
+    assert f"after **{c['observed_epochs']}** epochs (theory: at most {c['predicted_epochs']})" in note
+    assert f"The same bytes again: `git checkout {commit}`, then `dvc repro`." in note
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"trajectory.csv", "metrics.json", "train.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -168,6 +174,11 @@ def test_queued_experiment_logs_into_the_repository_store(repro_repo: Path) -> N
     client, exp_id = store(repro_repo)
     runs = client.search_runs([exp_id], filter_string="params.`train.lr` = '0.2'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the queued run is missing from the store"
+    # Named after the DVC experiment, and its description says how to get it back.
+    name = runs[0].data.tags["dvc_exp_name"]
+    assert name in sh(repro_repo, "dvc", "exp", "ls", "--name-only").stdout.split()
+    assert runs[0].info.run_name == name
+    assert f"The same bytes again: `dvc exp apply {name}`." in runs[0].data.tags["mlflow.note.content"]
     assert "weight.learned" in runs[0].data.metrics
     assert runs[0].info.artifact_uri.startswith((repro_repo / "mlruns" / "artifacts").as_uri())
     assert not list((repro_repo / ".dvc" / "tmp").rglob("mlflow.db")), "a stray store inside DVC's temp copy"

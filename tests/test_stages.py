@@ -21,6 +21,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli, data, evaluate, generate, tracking, train
+from pipeline.io import md5_file
 from tests.conftest import REPO
 
 
@@ -155,6 +156,22 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(workdir: Path) -> No
     assert {"stability.lr_max", "gradient_check.max_abs_diff", "weight_2.learned"} <= set(run.data.metrics)
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/landscape.png", "plots/convergence.png"} <= plots
+    # What ran, in its name; the result, in its description, from the files the stages wrote.
+    assert run.info.run_name == "numpy-sgd-lr0.1-60ep"
+    note = run.data.tags["mlflow.note.content"]
+    report = json.loads((workdir / "metrics/train.json").read_text())
+    for name in ("weight_1", "weight_2", "bias"):
+        row = next(line for line in note.splitlines() if line.startswith(f"| {name} |"))
+        cells = [float(c) for c in row.split("|")[2:6]]  # six significant digits, the gap three
+        expected = [m[name]["true"], m[name]["learned"], m[name]["closed_form"]]
+        assert cells[:3] == pytest.approx(expected, rel=5e-6), row
+        assert cells[3] == pytest.approx(m["optimisation_gap"][name], rel=5e-3), row
+    # Mini-batches: not within the tolerance at the end, and no theoretical bound (plain full-batch descent only).
+    assert report["convergence"]["observed_epochs"] is None and report["convergence"]["predicted_epochs"] is None
+    assert "**not reached** in the epochs run (theory bounds plain full-batch descent only)" in note
+    assert f"Data md5 `{md5_file(workdir / 'g/train.parquet')}`" in note
+    assert f"model md5 `{md5_file(workdir / 'm/model.safetensors')}`" in note
+    assert "no git commit was recorded" in note  # this folder is no git repository
 
 
 def test_learning_rate_above_the_stability_limit_is_refused_before_any_work(

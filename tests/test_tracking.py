@@ -111,6 +111,21 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
 
 
 @pytest.mark.slow
+def test_the_experiment_is_marked_for_model_training_when_made_and_when_found_without_it(root: Path) -> None:
+    kind = ("mlflow.experimentKind", "custom_model_development")  # the value MLflow's UI bundle tests for
+    tracker = tracking.connect("t", root)
+    with tracker.run():
+        pass
+    client = client_for(tracker)
+    assert kind in client.get_experiment_by_name("t").tags.items()
+    older = client.create_experiment("older")  # as MLflow makes one: without the tag
+    assert kind[0] not in client.get_experiment(older).tags
+    with tracking.connect("older", root).run():
+        pass
+    assert kind in client.get_experiment(older).tags.items()
+
+
+@pytest.mark.slow
 def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(RuntimeError), tracker.run() as run:
