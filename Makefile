@@ -95,7 +95,8 @@ sweep: $(SETUP) ## Queue GRID (train.lr=0.01,0.05,0.1) as experiments, run them 
 	@echo "MLflow: make ui, then filter the runs with tags.sweep = '$(SWEEP)'"
 
 screenshots: $(SETUP) browser ## Regenerate the pictures of README.md and docs/ (docs/images/) with the browser tests
-	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py
+	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py \
+		tests/test_team.py::test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep
 
 # The benchmark runs the pipeline in copies of the repository, plot page included (tests/conftest.py copy_repo).
 bench: $(SETUP) ## Measure the performance targets (P1-P5) and print them as ratios to their floors
@@ -109,7 +110,9 @@ lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
 # or --disable-security-middleware here (tests/test_reliability.py checks a foreign Host gets 403).
 UI_PORT ?= 5000
 ui: $(VENV)/.installed ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...) against the pipeline's store
-	mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port $(UI_PORT)
+	@echo "the runs, in the UI's model-training mode: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning"
+	@# One process is plenty for one person, and it keeps TCP_NODELAY (Kludex/uvicorn#3149: more workers lose it).
+	mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 lock: ## Re-resolve the dependencies from pyproject.toml and rewrite requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

@@ -7,7 +7,9 @@ but 127.0.0.1 nowhere, so a page that needs the internet fails here as it would 
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -85,3 +87,28 @@ def inked_fraction(png: Path) -> float:
 
     pixels = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
     return float(np.mean(pixels < 230))
+
+
+def metric_page(url: str, experiment: str, runs: list[str], keys: list[str]) -> str:
+    """The MLflow UI's chart of these metrics' histories for these runs, step by step: one line per run and key."""
+    query = {
+        "runs": json.dumps(runs),
+        "metric": json.dumps(keys[0]),
+        "experiments": json.dumps([experiment]),
+        "plot_metric_keys": json.dumps(keys),
+        "plot_layout": "{}",
+        "x_axis": "step",
+        "y_axis_scale": "linear",
+        "line_smoothness": "1",
+        "show_point": "false",
+        "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+        "workflowType": "machine_learning",  # the UI's model-training mode, as make ui links to it
+    }
+    return f"{url}/#/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+
+def page_text(dom: str) -> str:
+    """What a reader sees of a page: its text without tags, styles and scripts, spaces collapsed."""
+    text = re.sub(r"<(style|script)\b.*?</\1>|<[^>]+>", " ", dom, flags=re.S)
+    return re.sub(r"\s+", " ", text)

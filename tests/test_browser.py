@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from dvc_render.html import PAGE_HTML
 
-from pipeline import config, tracking
+from pipeline import config, summary, tracking
 from tests import browser
 from tests.conftest import logged_params, mlflow_server, rest, sh, yaml_params
 
@@ -91,20 +91,7 @@ def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path,
         init = next(p["value"] for p in mine[0]["data"]["params"] if p["key"] == "init.weight")
         assert by_step[0] == pytest.approx(float(init), abs=1e-7)
 
-        query = {
-            "runs": json.dumps([run_id]),
-            "metric": json.dumps("weight"),
-            "experiments": json.dumps([experiment]),
-            "plot_metric_keys": json.dumps(["weight"]),
-            "plot_layout": "{}",
-            "x_axis": "step",
-            "y_axis_scale": "linear",
-            "line_smoothness": "1",
-            "show_point": "false",
-            "deselected_curves": "[]",
-            "last_linear_y_axis_range": "[]",
-        }
-        metric_page = f"{url}/#/metric?" + "&".join(f"{k}={v}" for k, v in query.items())
+        metric_page = browser.metric_page(url, experiment, [run_id], ["weight"])
         dom = browser.dom(metric_page)
         assert "js-plotly-plot" in dom, "the weight chart is not on the page"
         points = line_points(dom)
@@ -114,5 +101,20 @@ def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path,
         assert rise > 1 and points[-1][1] < points[0][1]
         shot = browser.screenshot(metric_page, "mlflow-ui-weight.png", size=(1800, 800))
         assert browser.inked_fraction(shot) > 0.02
-        run_page = f"{url}/#/experiments/{experiment}/runs/{run_id}"
-        assert browser.inked_fraction(browser.screenshot(run_page, "mlflow-ui-run.png", size=(1800, 1100))) > 0.02
+
+        # The experiment in the UI's model-training mode, as make ui and the summary link to it; without the
+        # parameter, MLflow 3.17 opens its GenAI mode (the control: the check tells the two apart).
+        runs_page = f"{url}/#/experiments/{experiment}?{summary.UI_MODE}"
+        listed = browser.page_text(browser.dom(runs_page))
+        assert "Model registry" in listed and "Judges" not in listed, listed[:600]
+        assert "Judges" in browser.page_text(browser.dom(f"{url}/#/experiments/{experiment}"))
+        t = cfg.train
+        assert f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep" in listed  # named after what ran
+        browser.screenshot(runs_page, "mlflow-ui-runs.png", size=(1800, 700))
+        # The run's page renders its description: the result as a table, beside the files the stages wrote.
+        run_page = f"{url}/#/experiments/{experiment}/runs/{run_id}?{summary.UI_MODE}"
+        shown = browser.dom(run_page)
+        metrics = json.loads((repro_repo / "data" / "metrics" / "metrics.json").read_text())
+        assert "<table" in shown and "optimisation gap" in shown
+        assert f"{metrics['weight']['learned']:.6g}" in browser.page_text(shown)
+        assert browser.inked_fraction(browser.screenshot(run_page, "mlflow-ui-run.png", size=(1800, 1300))) > 0.02

@@ -5,6 +5,7 @@ in one MLflow store, grouped for the UI.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.parse
 from pathlib import Path
@@ -14,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline import config, tracking
-from tests.conftest import copy_repo, logged_params, pipeline_env, rest, sh, team_stack, yaml_params
+from tests import browser
+from tests.conftest import copy_repo, logged_params, mlflow_server, pipeline_env, rest, sh, team_stack, yaml_params
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +85,19 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(tmp_path: Path) -
     assert len({r.data.tags["dvc_exp_name"] for r in runs}) == 3
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
     assert all(r.data.tags["dvc_exp_name"] in shown for r in runs), shown
+    assert sorted(r.info.run_name for r in runs) == sorted(r.data.tags["dvc_exp_name"] for r in runs)
+    # In the UI: the three runs side by side, a weight and a loss curve each, named after their experiments.
+    with mlflow_server(tmp_path / "ui", backend=tracking.default_uri(repo)) as url:
+        page = browser.metric_page(url, experiment.experiment_id, [r.info.run_id for r in runs], ["weight", "loss"])
+        dom = browser.dom(page)
+        # A curve is a polyline (M…L…); the UI draws each one twice, the same path over itself.
+        curves = {d for d in re.findall(r'<path class="js-line" d="(M[^"]+)"', dom) if "L" in d}
+        assert len(curves) == 3 * 2, f"{len(curves)} curves, not one per run and metric"
+        text = browser.page_text(dom)
+        for r in runs:  # each curve labelled with its run's name; the latest weight as the store holds it
+            assert f"{r.info.run_name} (weight)" in text and f"{r.info.run_name} (loss)" in text
+            assert f"{r.info.run_name} {r.data.metrics['weight']!r} (step={cfg.train.epochs})" in text
+        assert browser.inked_fraction(browser.screenshot(page, "mlflow-ui-sweep.png", size=(1800, 800))) > 0.02
 
 
 def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
