@@ -86,7 +86,9 @@ def init_cluster(data: Path) -> str:
         if not secret.is_file():
             raise ServerError(f"{secret}: missing, and the cluster in {data} needs it; remove {data} to start over")
         return secret.read_text().strip()
-    data.mkdir(parents=True, mode=0o700)
+    if data.is_dir() and any(data.iterdir()):
+        raise ServerError(f"{data}: holds files but no PostgreSQL cluster; remove it to start over")
+    data.mkdir(parents=True, mode=0o700, exist_ok=True)  # empty: what an older failed start left
     _chown_to_owner(data)
     password = secrets.token_urlsafe(18)
     pwfile = data.parent / ".initdb-password"  # initdb wants an empty data folder; deleted right after
@@ -107,6 +109,7 @@ def init_cluster(data: Path) -> str:
             text=True,
         )
     except subprocess.CalledProcessError as e:
+        shutil.rmtree(data, ignore_errors=True)  # nothing half-made for the next start to trip on
         raise ServerError(f"initdb {data} failed: {cli_line(e.stderr)}") from None
     finally:
         pwfile.unlink(missing_ok=True)
@@ -157,12 +160,18 @@ def create_database(server: Postgres) -> None:
             connection.execute(f"CREATE DATABASE {DATABASE}")
 
 
+# Served by gunicorn, not uvicorn: with more than one uvicorn worker, every request on a kept-alive connection
+# (MLflow's client keeps them) waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149). gunicorn's threaded workers
+# keep connections alive without it, and MLflow's host-header and CORS checks stay on (tests/test_team.py).
+GUNICORN = "--worker-class gthread --threads 4 --keep-alive 5"
+
+
 def mlflow_server_command(store: str, artifacts: Path, port: int, workers: int = 4) -> list[str]:
     """`mlflow server` on the store, serving the run files from `artifacts`; loopback only."""
     return [
         str(Path(sys.executable).parent / "mlflow"),
         "server",
-        *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--gunicorn-opts", GUNICORN),
         *("--backend-store-uri", store),
         *("--artifacts-destination", str(artifacts)),
         "--serve-artifacts",

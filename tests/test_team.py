@@ -5,18 +5,32 @@ in one MLflow store, grouped for the UI.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import urllib.parse
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
 from pipeline import config, tracking
 from tests import browser
-from tests.conftest import copy_repo, logged_params, mlflow_server, pipeline_env, rest, sh, team_stack, yaml_params
+from tests.conftest import (
+    copy_repo,
+    free_port,
+    logged_params,
+    mlflow_server,
+    pipeline_env,
+    rest,
+    sh,
+    team_stack,
+    yaml_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -139,6 +153,38 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
                 "SELECT count(*) FROM metrics WHERE run_uuid = %s AND key = 'weight'", (run_id,)
             ).fetchone()
             assert weights == (cfg.train.epochs + 1,)
+        # gunicorn serves it (uvicorn's workers stall kept-alive requests), with MLflow's protections still on:
+        # a foreign Host header (DNS rebinding) and a foreign page's request (CORS) are refused.
+        search = f"{api}/experiments/search"
+        with requests.Session() as session:
+            assert session.get(f"{uri}/health").headers["Server"].startswith("gunicorn")
+            assert session.get(f"{search}?max_results=1", headers={"Host": "evil.example.com"}).status_code == 403
+            foreign = session.post(search, json={"max_results": 1}, headers={"Origin": "http://evil.example.com"})
+            assert foreign.status_code == 403
+            assert session.post(search, json={"max_results": 1}).status_code == 200  # the control
+
+
+def test_a_failed_first_start_leaves_nothing_that_breaks_the_next() -> None:
+    from pipeline import team_server
+
+    if os.geteuid() != 0:
+        pytest.skip("the failure needs a folder the postgres account cannot read, which needs root")
+    try:
+        team_server.postgres_bin("initdb")
+    except team_server.ServerError as e:
+        pytest.fail(str(e)) if os.environ.get("CI") else pytest.skip(str(e))
+    folder = Path(tempfile.mkdtemp(prefix="team-"))  # pytest's tmp_path is private to root already
+    try:
+        folder.chmod(0o700)  # the postgres account cannot enter it: initdb fails
+        refused = pytest.raises(team_server.ServerError, match=r"^initdb .* failed: ")
+        with refused, team_server.postgres(folder / "postgres", free_port()):
+            pass
+        assert not (folder / "postgres").exists()
+        folder.chmod(0o755)  # the user's fix; the next start then simply works
+        with team_server.postgres(folder / "postgres", free_port()) as db:
+            assert (db.data / "PG_VERSION").is_file()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_cluster_without_its_password_file_is_one_clear_error(tmp_path: Path) -> None:
