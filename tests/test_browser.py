@@ -108,8 +108,9 @@ def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path,
         listed = browser.page_text(browser.dom(runs_page))
         assert "Model registry" in listed and "Judges" not in listed, listed[:600]
         assert "Judges" in browser.page_text(browser.dom(f"{url}/#/experiments/{experiment}"))
-        t = cfg.train
-        assert f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep" in listed  # named after what ran
+        # Named after what ran; under `dvc exp` (other tests here may run some in this copy), the experiment.
+        t, tags = cfg.train, {tag["key"]: tag["value"] for tag in mine[0]["data"]["tags"]}
+        assert tags.get("dvc_exp_name", f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep") in listed
         browser.screenshot(runs_page, "mlflow-ui-runs.png", size=(1800, 700))
         # The run's page renders its description: the result as a table, beside the files the stages wrote.
         run_page = f"{url}/#/experiments/{experiment}/runs/{run_id}?{summary.UI_MODE}"
