@@ -280,6 +280,11 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
     signal.pthread_sigmask(signal.SIG_UNBLOCK, tracking.STOP_SIGNALS)  # blocked by the stage until now
     # Where Model.log looks for the store. Not mlflow.set_tracking_uri(): that restarts MLflow's tracing too.
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # A server that goes away: MLflow's client retries 7 times with backoff doubling from 2 s, minutes in all.
+    # Retried for about 30 s instead (1 + 2 + 4 + 8 + 16), a restart is ridden out and a server that stays
+    # down fails the stage within a minute. Either can be set otherwise.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.dup2(2, 1)  # what MLflow prints goes to the stage's stderr, not into the stage's own output
 
     def say(kind: str, value: Any) -> None:

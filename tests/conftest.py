@@ -107,10 +107,10 @@ def wait_for_port(port: int, timeout: float) -> bool:
 
 
 @contextmanager
-def mlflow_server(folder: Path, backend: str | None = None) -> Iterator[str]:
-    """A real `mlflow server` on a free 127.0.0.1 port, its store (unless `backend` names one) and artifacts in
-    `folder`; yields its URI."""
-    port = free_port()
+def mlflow_server(folder: Path, backend: str | None = None, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` on a free 127.0.0.1 port (or this one), its store (unless `backend` names one) and
+    artifacts in `folder`; yields its URI."""
+    port = port or free_port()
     server = subprocess.Popen(
         [
             *(str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)),

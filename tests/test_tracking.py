@@ -27,7 +27,7 @@ from mlflow.utils import mlflow_tags
 
 from pipeline import generate, record, tracking, tracking_worker, train
 from pipeline.errors import TrackingError
-from tests.conftest import REPO, mlflow_server
+from tests.conftest import REPO, free_port, mlflow_server
 
 
 @pytest.fixture
@@ -321,6 +321,46 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
         tracker.log_series({"s": ([1], [1.0])})
         tracker.log_artifact(root / "dvc.yaml")
     assert not (root / "mlruns").exists()
+
+
+@pytest.mark.slow
+def test_a_server_restarted_while_the_stage_logs_loses_nothing_and_one_that_stays_down_fails_in_one_line(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, backend = free_port(), f"sqlite:///{tmp_path}/server.db"
+    store = MlflowClient(backend)  # the server's own store, read directly: the oracle, with or without it
+    steps = np.arange(3000)
+    with mlflow_server(tmp_path, backend, port) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracker = tracking.connect("t", root)
+        restarted = tracker.run()
+        run = restarted.__enter__()
+        tracker.log_series({"a": (steps[:1000], steps[:1000] * 0.5)})
+    tracker.log_series({"a": (steps[1000:], steps[1000:] * 0.5)})  # the server is down: the worker retries
+    with mlflow_server(tmp_path, backend, port):  # back on the same port and store, seconds later
+        restarted.__exit__(None, None, None)
+        assert store.get_run(run.run_id or "").info.status == "FINISHED"
+        assert sorted(p.step for p in store.get_metric_history(run.run_id or "", "a")) == steps.tolist()
+        # Now one that goes down for good, once its run exists.
+        tracker = tracking.connect("t", root)
+        abandoned = tracker.run()
+        abandoned.__enter__()
+        tracker.log_params({"p": 1})
+        experiment = store.get_experiment_by_name("t")
+        assert experiment is not None
+        deadline = time.monotonic() + 60
+        while not (found := store.search_runs([experiment.experiment_id], "params.p = '1'")):
+            assert time.monotonic() < deadline, "the worker never made its run"
+            time.sleep(0.2)
+    tracker.log_series({"a": (steps, steps * 0.5)})
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as raised:
+        abandoned.__exit__(None, None, None)
+    # One line within a minute or two (the failed request, then marking the run FAILED, each retried for ~30 s),
+    # not MLflow's default of minutes each; and no run FINISHED with points missing.
+    assert time.monotonic() - start < 120 and "\n" not in str(raised.value), raised.value
+    assert str(raised.value).startswith(f"MLflow store {uri}: ")
+    assert store.get_run(found[0].info.run_id).info.status != "FINISHED"
 
 
 @pytest.mark.slow
