@@ -149,6 +149,13 @@ def postgres(data: Path, port: int) -> Iterator[Postgres]:
         subprocess.run(_as_owner([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
 
 
+def restart(server: Postgres) -> None:
+    """Stop PostgreSQL and start it again with the same settings, as an operator's restart would."""
+    log = str(server.data.parent / "postgres.log")  # as at the start: not our pipes, which it would hold open
+    restarted = [postgres_bin("pg_ctl"), "-D", str(server.data), "-l", log, "-m", "fast", "-w", "restart"]
+    subprocess.run(_as_owner(restarted), check=True, capture_output=True)
+
+
 def create_database(server: Postgres) -> None:
     import psycopg
 

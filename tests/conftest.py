@@ -133,9 +133,9 @@ def mlflow_server(folder: Path, backend: str | None = None, port: int | None = N
 
 
 @contextmanager
-def team_stack() -> Iterator[tuple[str, str]]:
+def team_stack() -> Iterator[tuple[str, Any]]:
     """PostgreSQL and an `mlflow server` on it, started as `make team-server` starts them, on free ports;
-    yields (the server's URI, the database's URI). Fails in CI, and skips elsewhere, without PostgreSQL."""
+    yields (the server's URI, the team_server.Postgres). Fails in CI, and skips elsewhere, without PostgreSQL."""
     from pipeline import team_server
 
     try:
@@ -160,7 +160,7 @@ def team_stack() -> Iterator[tuple[str, str]]:
             try:
                 if not team_server.wait_for_http(f"http://127.0.0.1:{port}/health", 120):
                     raise RuntimeError("the mlflow server on PostgreSQL did not start")
-                yield f"http://127.0.0.1:{port}", db.uri
+                yield f"http://127.0.0.1:{port}", db
             finally:
                 os.killpg(server.pid, signal.SIGTERM)
                 server.wait()
