@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ def locate(uri: str, experiment: str, model_md5: str) -> tuple[str, str, str | N
     from pipeline.tracking_worker import find_run
 
     db = tracking.sqlite_path(uri)
-    if os.environ.get("PIPELINE_TRACKING") == "off" or (db is not None and not db.exists()):
+    if not tracking.tracking_on() or (db is not None and not db.exists()):
         return None  # nothing was tracked: make no store either
     tracking.check_reachable(uri)
     client = MlflowClient(uri)

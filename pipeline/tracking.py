@@ -315,11 +315,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {uri} {why} to use the project's own store") from None
 
 
+def tracking_on() -> bool:
+    """False under PIPELINE_TRACKING=off: nothing is logged, and nothing reads a store either."""
+    return os.environ.get("PIPELINE_TRACKING", "on") != "off"
+
+
 def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> Tracker:
     """A Tracker whose worker is starting already: it opens the store (and makes the experiment) at the first
     command. enabled=False (a torchrun rank but 0) or PIPELINE_TRACKING=off: the calls go nowhere, for machines
     without a store and for timing what tracking costs (benchmarks/bench.py)."""
-    if not enabled or os.environ.get("PIPELINE_TRACKING", "on") == "off":
+    if not enabled or not tracking_on():
         return Tracker("(tracking off)", "", channel=Offline)
     uri = tracking_uri(root or project_root())
     check_reachable(uri)
