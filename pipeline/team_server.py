@@ -170,7 +170,9 @@ def create_database(server: Postgres) -> None:
 # Served by gunicorn, not uvicorn: with more than one uvicorn worker, every request on a kept-alive connection
 # (MLflow's client keeps them) waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149). gunicorn's threaded workers
 # keep connections alive without it, and MLflow's host-header and CORS checks stay on (tests/test_team.py).
-GUNICORN = "--worker-class gthread --threads 4 --keep-alive 5"
+# gunicorn 26 stops only once every connection has closed, or after its graceful timeout (30 s): one idle client
+# (a UI open in a browser) would hold a Ctrl-C for all of it. A request cut off at 5 s is retried by MLflow's client.
+GUNICORN = "--worker-class gthread --threads 4 --keep-alive 5 --graceful-timeout 5"
 
 
 def mlflow_server_command(store: str, artifacts: Path, port: int, workers: int = 4) -> list[str]:

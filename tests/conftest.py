@@ -39,7 +39,8 @@ def cfg() -> config.Config:
 
 def pipeline_env(**extra: str) -> dict[str, str]:
     """Environment for running DVC in a copy: this venv first on PATH, no outside MLflow or DVC settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "PIPELINE_"))}
+    # _MLFLOW_TELEMETRY_SESSION_ID too, which importing MLflow sets: a server started with it takes 30 s to stop.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "_MLFLOW_", "DVC_", "PIPELINE_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env |= {
         "GIT_AUTHOR_NAME": "test",
