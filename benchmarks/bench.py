@@ -8,6 +8,9 @@ P3 throughput:   time per epoch of the nn five-step loop / one torch pass comput
 P4 memory:       peak RSS of each stage (its whole process tree) at N = 1e8 / the float32 data (x and y, 0.8 GB).
 P5 scaling:      each stage's wall time per sample at N = 1e8 / the same at N = 1e6.
 R cost:          P1, and P3 at 1e6 and 1e7, with the portable numerics / with PIPELINE_NUMERICS=native.
+Load:            8 writers logging at once into the team server (tests/load.py), where PostgreSQL is installed:
+                 their points per second / one writer's alone, and the p99 of one 1000-point log_batch / the
+                 median alone. Figures to read, not targets.
 
 Medians of repeated runs; the machine is shared, so compare the ratios, not the absolute times.
 """
@@ -33,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
-from tests import stages_once  # noqa: E402  (needs the path)
+from tests import load, stages_once  # noqa: E402  (needs the path)
 from tests.conftest import copy_repo, mlflow_server, pipeline_env, team_stack  # noqa: E402
 
 
@@ -164,6 +167,22 @@ def mlflow_floor(repo: Path, tmp: Path, n: int) -> tuple[float, int]:
     return median(once, n), sum(counts.values())
 
 
+def team_load(writers: int, batches: int) -> tuple[load.Load, load.Load] | None:
+    """One writer alone, then `writers` at once, against a fresh team server; None without PostgreSQL. Every
+    point is checked in the store before a figure counts."""
+    from pipeline import team_server
+
+    try:
+        team_server.postgres_bin("initdb")
+    except team_server.ServerError:
+        return None
+    with team_stack() as (uri, db):
+        alone, together = load.load(uri, 1, batches), load.load(uri, writers, batches)
+        if wrong := load.missing(db.uri, alone) + load.missing(db.uri, together):
+            raise RuntimeError(f"the team server lost points under load: {wrong[0]}")
+    return alone, together
+
+
 def p3(sizes: list[int], epochs: int) -> dict[int, tuple[float, float, bool]]:
     import numpy as np
     import torch
@@ -292,7 +311,7 @@ def timed(f: Callable[[], object]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45", "numerics"], action="append")
+    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45", "numerics", "load"], action="append")
     parser.add_argument("--p3-json", action="store_true", help=argparse.SUPPRESS)  # numerics_cost's subprocess
     parser.add_argument(
         "--large", type=float, default=1e8, help="the large N of P4/P5 (1e8; smaller to try it quickly)"
@@ -301,7 +320,7 @@ def main() -> int:
     if args.p3_json:
         print(json.dumps({n: r[0] for n, r in p3([1_000_000, 10_000_000], 20).items()}))
         return 0
-    only = set(args.only or ["p1", "p2", "p3", "p45", "numerics"])
+    only = set(args.only or ["p1", "p2", "p3", "p45", "numerics", "load"])
     rows: list[tuple[str, str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -398,6 +417,27 @@ def main() -> int:
                         "<=",
                     )
                 )
+    if "load" in only and (loads := team_load(writers=8, batches=25)) is not None:
+        alone, together = loads
+        n = len(together.writers)
+        rows += [
+            (
+                "Load points/s (team)",
+                f"{n} writers {together.points / together.seconds:.0f} points/s / "
+                f"1 writer {alone.points / alone.seconds:.0f} points/s",
+                (together.points / together.seconds) / (alone.points / alone.seconds),
+                float("nan"),
+                "<=",
+            ),
+            (
+                "Load p99 log_batch (team)",
+                f"p99 {together.p99() * 1e3:.0f} ms with {n} writers / median "
+                f"{statistics.median(alone.latencies) * 1e3:.0f} ms alone (1000 points a request)",
+                together.p99() / statistics.median(alone.latencies),
+                float("nan"),
+                "<=",
+            ),
+        ]
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'target':<26} {'ratio':>7} {'goal':>6}  {'met':<4} measured")
     for name, what, ratio, goal, _ in rows:
