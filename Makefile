@@ -14,7 +14,7 @@ PLOTS_PAGE := web/dvc-plots.html
 SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser postgres qemu team-server repro test test-fast sweep screenshots bench lint ui lock clean
+.PHONY: help install browser postgres qemu team-server repro notebook test test-fast sweep screenshots bench lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,11 @@ team-server: $(SETUP) postgres ## Start PostgreSQL and an MLflow server on it at
 repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the result
 	dvc repro
 	python -m pipeline.summary
+
+# The stored outputs are what this prints (tests/test_notebook.py): no timings, which would change every run.
+notebook: repro ## Run notebooks/walkthrough.ipynb again in place, on the pipeline's latest result
+	jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False \
+		notebooks/walkthrough.ipynb
 
 test: $(SETUP) browser postgres qemu ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
 	ruff check pipeline tests web benchmarks
