@@ -1,11 +1,15 @@
 """notebooks/walkthrough.ipynb: it runs top to bottom in a fresh copy of the repository after `dvc repro`, the
-outputs committed with it are what that run prints, and rendered as HTML it shows its plots in Chromium.
+outputs committed with it are what that run prints, here and under an emulated CPU, and rendered as HTML it
+shows its plots in Chromium.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -40,20 +44,42 @@ def text_outputs(nb: object) -> list[list[tuple[str, str]]]:
     return cells
 
 
-@pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> object:
-    """The committed notebook, run again in a fresh copy after `dvc repro` (its last section reads the outputs
-    and the MLflow run), by a kernel of this venv with no outside MLflow or DVC settings."""
+def execute(repo: Path, kernel: str = "python3", **env: str) -> object:
+    """The committed notebook run in `repo` by `kernel`, with no outside MLflow or DVC settings."""
     import nbformat
     from nbclient import NotebookClient
 
-    repo = copy_repo(tmp_path_factory.mktemp("notebook"))
-    sh(repo, "dvc", "repro")
     nb = nbformat.read(repo / NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(repo)}})
-    with mock.patch.dict(os.environ, pipeline_env(), clear=True):
+    client = NotebookClient(nb, timeout=600, startup_timeout=300, kernel_name=kernel)
+    with mock.patch.dict(os.environ, pipeline_env(**env), clear=True):
         client.execute(cwd=str(repo / NOTEBOOK.parent))  # a failing assert fails here, with its cell
     return nb
+
+
+def without_emulator(cells: list[list[tuple[str, str]]]) -> list[list[tuple[str, str]]]:
+    """text_outputs less qemu's lines ("qemu-x86_64: warning: TCG doesn't support ..."), and the streams they
+    leave empty."""
+    kept = []
+    for cell in cells:
+        out = [
+            (kind, "".join(x for x in text.splitlines(True) if not x.startswith("qemu-x86_64: ")))
+            for kind, text in cell
+        ]
+        kept.append([(kind, text) for kind, text in out if text or kind != "stderr"])
+    return kept
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh copy after `dvc repro`: the notebook's last section reads its outputs and its MLflow run."""
+    repo = copy_repo(tmp_path_factory.mktemp("notebook"))
+    sh(repo, "dvc", "repro")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def executed(repo: Path) -> object:
+    return execute(repo)
 
 
 def test_the_notebook_runs_and_its_committed_outputs_are_what_it_prints(executed: object) -> None:
@@ -66,6 +92,25 @@ def test_the_notebook_runs_and_its_committed_outputs_are_what_it_prints(executed
         assert a == b, f"code cell {i + 1} prints something else now: run `make notebook` and look at the change"
     assert not any(kind == "stderr" for cell in fresh for kind, _ in cell), "the notebook writes warnings"
     assert sum(kind == "image/png" for cell in fresh for kind, _ in cell) == 4
+
+
+def test_under_an_emulated_cpu_it_prints_the_same(repo: Path, tmp_path: Path) -> None:
+    """Its kernel run as an Intel Haswell (AVX2, no AVX-512; qemu-x86_64 -cpu, as tests/test_cpus.py does):
+    every printed digit the same as committed. The emulator's own warnings (one set per process it starts) go
+    to stderr and are left out."""
+    import nbformat
+
+    if shutil.which("qemu-x86_64") is None:
+        message = "qemu-x86_64 is missing: make qemu (apt-get install qemu-user)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    spec = tmp_path / "kernels" / "haswell"
+    spec.mkdir(parents=True)
+    argv = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Haswell", "language": "python"}))
+    emulated = execute(repo, "haswell", JUPYTER_PATH=str(tmp_path))
+
+    committed = nbformat.read(REPO / NOTEBOOK, as_version=4)
+    assert without_emulator(text_outputs(emulated)) == text_outputs(committed)
 
 
 def test_rendered_as_html_it_shows_its_plots(executed: object, tmp_path: Path) -> None:
