@@ -16,7 +16,7 @@ from unittest import mock
 import pytest
 
 from tests import browser
-from tests.conftest import REPO, pipeline_env
+from tests.conftest import REPO, copy_repo, pipeline_env, sh
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = Path("notebooks/walkthrough.ipynb")
@@ -70,9 +70,17 @@ def without_emulator(cells: list[list[tuple[str, str]]]) -> list[list[tuple[str,
 
 
 @pytest.fixture(scope="module")
-def executed(repro_repo: Path) -> object:
-    """Run in the fresh copy after `dvc repro` (conftest): its last section reads the outputs and the run."""
-    return execute(repro_repo)
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh copy after `dvc repro`: the notebook's last section reads its outputs and its MLflow run. Its own,
+    not conftest's repro_repo: tests in the same process run experiments there, which change its model."""
+    repo = copy_repo(tmp_path_factory.mktemp("notebook"))
+    sh(repo, "dvc", "repro")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def executed(repo: Path) -> object:
+    return execute(repo)
 
 
 def test_the_notebook_runs_and_its_committed_outputs_are_what_it_prints(executed: object) -> None:
@@ -87,7 +95,7 @@ def test_the_notebook_runs_and_its_committed_outputs_are_what_it_prints(executed
     assert sum(kind == "image/png" for cell in fresh for kind, _ in cell) == 4
 
 
-def test_under_an_emulated_cpu_it_prints_the_same(repro_repo: Path, tmp_path: Path) -> None:
+def test_under_an_emulated_cpu_it_prints_the_same(repo: Path, tmp_path: Path) -> None:
     """Its kernel run as an Intel Haswell (AVX2, no AVX-512; qemu-x86_64 -cpu, as tests/test_cpus.py does):
     every printed digit the same as committed. The emulator's own warnings (one set per process it starts) go
     to stderr and are left out."""
@@ -100,7 +108,7 @@ def test_under_an_emulated_cpu_it_prints_the_same(repro_repo: Path, tmp_path: Pa
     spec.mkdir(parents=True)
     argv = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Haswell", "language": "python"}))
-    emulated = execute(repro_repo, "haswell", JUPYTER_PATH=str(tmp_path))
+    emulated = execute(repo, "haswell", JUPYTER_PATH=str(tmp_path))
 
     committed = nbformat.read(REPO / NOTEBOOK, as_version=4)
     assert without_emulator(text_outputs(emulated)) == text_outputs(committed)
