@@ -17,6 +17,10 @@ class DivergenceError(PipelineError, RuntimeError):
     """Training produced a non-finite loss; the message names the epoch and the learning rates."""
 
 
+class BuildError(PipelineError, RuntimeError):
+    """The compiled step cannot be built on this machine; the message names what is missing or what failed."""
+
+
 class TrackingError(PipelineError, RuntimeError):
     """The MLflow tracking store cannot be used; the message names its URI."""
 

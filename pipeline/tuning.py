@@ -8,13 +8,17 @@ measured, is in docs/performance.md. This module does not import pipeline.loop; 
 from __future__ import annotations
 
 import contextlib
+import logging
+import shlex
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn, optim
 
+from pipeline.errors import BuildError
+
+log = logging.getLogger(__name__)
 TrainStep = Callable[[nn.Module, nn.Module, optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # How often fit() hands the growing trajectory to on_epochs: each second, for a live curve in the MLflow UI,
@@ -24,8 +28,9 @@ STREAM_EPOCHS, STREAM_SECONDS = 1000, 1.0
 
 
 @contextlib.contextmanager
-def module_attributes(module: ModuleType, **values: Any) -> Iterator[None]:
-    """Set attributes of `module` for the duration of the block, then put the old values back (also on error).
+def module_attributes(module: object, **values: Any) -> Iterator[None]:
+    """Set attributes of `module` (or of a class) for the duration of the block, then put the old values back
+    (also on error).
 
     Each attribute must exist already: a misspelt or removed name raises AttributeError instead of being added.
     """
@@ -76,10 +81,69 @@ def compiled_train_step(train_step: TrainStep) -> TrainStep:
         with (
             functorch_config.patch(activation_memory_budget=0.0),
             module_attributes(decompose_mem_bound_mm, **decompose_all),
+            quoted_library_dirs(),
+            one_line_build_errors(),
         ):
             return compiled(model, criterion, optimizer, X, y)
 
     return step
+
+
+@contextlib.contextmanager
+def one_line_build_errors() -> Iterator[None]:
+    """A compiled step that cannot be built here (no C++ compiler, missing headers, a failed link) raises
+    BuildError, one line naming what is missing, instead of inductor's page of compiler output; that page goes to
+    the debug log. Inductor's other errors are bugs, not the machine's: they keep their traceback."""
+    from torch._inductor import exc
+
+    try:
+        yield
+    except exc.InductorError as e:
+        inner = e.inner_exception
+        if isinstance(inner, exc.InvalidCxxCompiler):
+            from torch._inductor import config as inductor_config
+
+            compiler = inductor_config.cpp.cxx[-1]
+            raise BuildError(
+                f"the compiled step (train.compile) needs a C++ compiler, and {compiler!r} is not one that works "
+                f"here: install g++ (or set CXX to a compiler), or set train.compile: off"
+            ) from None
+        if isinstance(inner, exc.CppCompileError):
+            log.debug("the compiled step's build failed: %s", inner)
+            lines = [line.strip() for line in inner.output.splitlines() if line.strip()]
+            cause = next((line for line in lines if "error" in line.lower() or "cannot find" in line), None)
+            raise BuildError(
+                f"the compiled step (train.compile) could not be built: {cause or (lines or ['no output'])[0]}; set "
+                f"train.compile: off, or PIPELINE_LOG_LEVEL=DEBUG for the compiler's output"
+            ) from None
+        raise
+
+
+@contextlib.contextmanager
+def quoted_library_dirs() -> Iterator[None]:
+    """Quote the library folders inductor hands the C++ compiler, as it quotes the include folders already.
+
+    torch 2.13's CppBuilder writes `-L<folder>` unquoted into a command line that it then splits on spaces
+    (pytorch/pytorch#191010; #148271 quoted the include folders only): in a venv whose path holds a space,
+    torch/lib is cut in two and the link fails. Builders made inside the block write `-L'<folder>'` instead,
+    which splits back into exactly `-L<folder>`; a folder without such characters is written as torch writes it.
+    Only the command changes, not what it builds (tests/test_loop.py). That test fails once torch quotes them
+    itself: then this goes.
+    """
+    from torch._inductor import cpp_builder
+
+    init = cpp_builder.CppBuilder.__init__
+    if cpp_builder._IS_WINDOWS:  # torch quotes /LIBPATH:"..." there
+        yield
+        return
+
+    def quoting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        folders = self._build_option.get_libraries_dirs()
+        self._libraries_dirs_args = "".join(f"-L{shlex.quote(folder)} " for folder in folders)
+
+    with module_attributes(cpp_builder.CppBuilder, __init__=quoting_init):
+        yield
 
 
 def column_major(X: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,18 @@ least squares, mini-batches, momentum and divergence."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import shlex
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline import config, data, loop, tuning
+from pipeline.errors import BuildError
 
 
 def train_arrays(cfg: config.Config, **generate: object) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +199,48 @@ def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch
     # The compile settings apply only around the compiled calls; the rest of the process keeps torch's defaults.
     after = (functorch_config.activation_memory_budget, decompose_mem_bound_mm.cpu_max_first_dimension_decomposition)
     assert after == before
+
+
+def test_library_folders_with_a_space_need_the_workaround_which_changes_nothing_else(tmp_path: Path) -> None:
+    """A real link against a library in a folder with a space, as torch/lib is in a venv under "new user ü"."""
+    from torch._inductor import cpp_builder, exc
+
+    def link(folder: Path, name: str) -> cpp_builder.CppBuilder:
+        """A builder for lib<name>.so in tmp_path, linked against libanswer.so in `folder`."""
+        (tmp_path / f"{name}.cpp").write_text('int answer();\nextern "C" int twice() { return 2 * answer(); }\n')
+        options = cpp_builder.BuildOptionsBase(
+            compiler="g++", cflags=["shared", "fPIC"], libraries_dirs=[str(folder)], libraries=["answer"]
+        )
+        return cpp_builder.CppBuilder(name, [str(tmp_path / f"{name}.cpp")], options, str(tmp_path))
+
+    plain, spaced = tmp_path / "lib", tmp_path / "new user ü" / "lib"
+    for folder in (plain, spaced):
+        folder.mkdir(parents=True)
+        (folder / "answer.cpp").write_text("int answer() { return 21; }\n")
+        library = ["-shared", "-fPIC", "-Wl,-soname,libanswer.so", "-o", folder / "libanswer.so"]
+        subprocess.run(["g++", folder / "answer.cpp", *library], check=True)
+    try:  # torch's own command: the folder cut in two at its space
+        link(spaced, "own").build()
+    except exc.CppCompileError as e:
+        failed = e
+    else:
+        pytest.fail("torch quotes -L folders itself now (pytorch/pytorch#191010): remove tuning.quoted_library_dirs")
+    assert "cannot find" in failed.output, failed.output
+    # Inductor's page of compiler output as the stage shows it: one line, naming what the linker missed.
+    with pytest.raises(BuildError) as one_line, tuning.one_line_build_errors():
+        raise exc.InductorError(failed, None)
+    assert "could not be built: /usr/bin/ld: cannot find" in str(one_line.value) and "\n" not in str(one_line.value)
+    with tuning.quoted_library_dirs():
+        builders = {"plain": link(plain, "plain"), "spaced": link(spaced, "spaced")}
+        builders["spaced"].build()
+    ctypes.CDLL(str(spaced / "libanswer.so"), mode=ctypes.RTLD_GLOBAL)  # what the linked library needs at load
+    assert ctypes.CDLL(builders["spaced"].get_target_file_path()).twice() == 42
+    # What the compiler is given: where no folder needs quoting, torch's own command word for word; with a space,
+    # the same words but for the folder's name.
+    own = link(plain, "plain").get_command_line()
+    assert builders["plain"].get_command_line() == own
+    renamed = [w.replace(str(plain), str(spaced)).replace("plain", "spaced") for w in shlex.split(own)]
+    assert shlex.split(builders["spaced"].get_command_line()) == renamed
 
 
 def test_module_attributes_are_set_inside_the_block_and_restored_after_it_even_on_error() -> None:

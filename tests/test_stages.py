@@ -240,6 +240,26 @@ def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> Non
     assert "training:" not in outputs["file"] and "it/s" not in outputs["file"] and "epoch/s" not in outputs["file"]
 
 
+@pytest.mark.slow
+def test_a_compiled_step_without_a_compiler_fails_in_one_line_and_its_run_is_failed(workdir: Path) -> None:
+    """No page of compiler output: inductor's error becomes the stage's one line, exit status 2."""
+    params = params_with(workdir, "compile: auto", "compile: on")
+    assert generate.main(["--params", str(params), "--train", "g/train.parquet", "--test", "g/test.parquet"]) == 0
+    cmd = [sys.executable, "-m", "pipeline.train", "--data", "g/train.parquet", "--params", str(params)]
+    cmd += ["--model", "m/model.safetensors", "--trajectory", "m/trajectory.csv", "--metrics", "m/train.json"]
+    # A cache of its own: a step compiled before would be loaded, not built.
+    env = {**os.environ, "CXX": str(workdir / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if not line.startswith(("INFO ", "20"))]  # not MLflow's log
+    assert ours == [
+        f"error: train: the compiled step (train.compile) needs a C++ compiler, and '{workdir / 'no-such-g++'}' is "
+        "not one that works here: install g++ (or set CXX to a compiler), or set train.compile: off"
+    ]
+    assert not (workdir / "m").exists()
+    assert only_run(workdir).info.status == "FAILED"
+
+
 @pytest.fixture
 def log_level() -> Iterator[None]:
     """Put the pipeline logger's level back after a test that changes it."""
