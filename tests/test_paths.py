@@ -179,8 +179,18 @@ def test_make_sweep_in_a_non_ascii_folder_says_why_it_cannot_in_one_line(repro_r
     assert "dvc exp run" not in out.stdout, "nothing may be queued"
 
 
-def test_one_experiment_at_a_time_works_in_the_folder(repro_repo: Path) -> None:
-    # What make sweep's error offers instead of the queue.
-    out = sh(repro_repo, "dvc", "exp", "run", "-S", "train.lr=0.05").stdout
+def test_one_experiment_at_a_time_works_in_the_folder_compiled_step_included(repro_repo: Path, tmp_path: Path) -> None:
+    # What make sweep's error offers instead of the queue. The compiled step, built afresh (an inductor cache of its
+    # own), links against torch/lib in the venv, whose path here holds the folder's space (pytorch/pytorch#191010).
+    env = pipeline_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env["PATH"] = f"{repro_repo / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"  # as make puts it: the stages' python
+    out = sh(repro_repo, "dvc", "exp", "run", "-S", "train.lr=0.05", "-S", "train.compile=on", env=env).stdout
     assert "Running stage 'train'" in out
     assert "0.05" in sh(repro_repo, "dvc", "exp", "show", "--csv").stdout
+    [(compiled,)] = query(
+        repro_repo / "mlruns" / "mlflow.db",
+        "SELECT compiled.value FROM params compiled JOIN params lr ON lr.run_uuid = compiled.run_uuid"
+        " WHERE compiled.key = 'compiled' AND lr.key = 'train.lr' AND lr.value = '0.05'",
+    )
+    assert compiled == "True"
+    assert list((tmp_path / "inductor").rglob("*.so")), "nothing was compiled"
