@@ -11,7 +11,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 # DVC's plot page with its JavaScript inlined (`dvc plots show` offline), built from the npm registry.
 PLOTS_PAGE := web/dvc-plots.html
+# What the pipeline needs (make repro), and the development tools on top (make test): a first result does not
+# wait for jupyterlab, mypy and the rest.
 SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
+DEV        := $(SETUP) $(VENV)/.installed-dev
 
 .DEFAULT_GOAL := help
 .PHONY: help install browser postgres qemu team-server repro notebook test test-fast sweep screenshots bench lint ui lock clean
@@ -23,6 +26,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: Python >= 3.11 needed, found " + sys.version.split()[0])'
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -c requirements.lock -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
@@ -31,7 +38,7 @@ $(PLOTS_PAGE): web/package.json web/package-lock.json web/build_template.py
 	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
 	$(PYTHON) web/build_template.py
 
-install: $(SETUP) ## Create .venv, install the pinned dependencies and build the offline plot page
+install: $(SETUP) ## Create .venv, install the pipeline's pinned dependencies and build the offline plot page
 
 # The browser tests need Chromium (or Chrome, as on GitHub's runners); as root (CI), this installs Debian's.
 browser: ## Install Debian's chromium for the browser tests, if no Chromium or Chrome is there
@@ -69,17 +76,17 @@ repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the resul
 	python -m pipeline.summary
 
 # The stored outputs are what this prints (tests/test_notebook.py): no timings, which would change every run.
-notebook: repro ## Run notebooks/walkthrough.ipynb again in place, on the pipeline's latest result
+notebook: repro $(DEV) ## Run notebooks/walkthrough.ipynb again in place, on the pipeline's latest result
 	jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False \
 		notebooks/walkthrough.ipynb
 
-test: $(SETUP) browser postgres qemu ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
+test: $(DEV) browser postgres qemu ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
 	ruff check pipeline tests web benchmarks
 	ruff format --check pipeline tests web benchmarks
 	mypy
 	python -m pytest
 
-test-fast: $(SETUP) ## Only the unit tests (skips those marked slow, which run DVC, servers, browsers or subprocesses)
+test-fast: $(DEV) ## Only the unit tests (skips those marked slow, which run DVC, servers, browsers or subprocesses)
 	python -m pytest -m "not slow"
 
 # A grid of queued DVC experiments, run JOBS at a time into the one MLflow store, every run tagged
@@ -99,15 +106,15 @@ sweep: $(SETUP) ## Queue GRID (train.lr=0.01,0.05,0.1) as experiments, run them 
 	dvc exp show --no-pager
 	@echo "MLflow: make ui, then filter the runs with tags.sweep = '$(SWEEP)'"
 
-screenshots: $(SETUP) browser ## Regenerate the pictures of README.md and docs/ (docs/images/) with the browser tests
+screenshots: $(DEV) browser ## Regenerate the pictures of README.md and docs/ (docs/images/) with the browser tests
 	TEST_ARTIFACTS=docs/images python -m pytest -q tests/test_browser.py \
 		tests/test_team.py::test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep
 
 # The benchmark runs the pipeline in copies of the repository, plot page included (tests/conftest.py copy_repo).
-bench: $(SETUP) ## Measure the performance targets (P1-P5) and print them as ratios to their floors
+bench: $(DEV) ## Measure the performance targets (P1-P5) and print them as ratios to their floors
 	python benchmarks/bench.py
 
-lint: $(VENV)/.installed ## Fix what ruff can fix and reformat the code
+lint: $(VENV)/.installed-dev ## Fix what ruff can fix and reformat the code
 	ruff check --fix pipeline tests web benchmarks
 	ruff format pipeline tests web benchmarks
 

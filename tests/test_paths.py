@@ -27,6 +27,7 @@ PAGE = "web/dvc-plots.html"
 # The targets that need the set-up (make install): the venv and the offline plot page, or the venv alone.
 NEED_VENV_AND_PAGE = ("install", "repro", "test", "test-fast", "sweep", "screenshots", "bench", "team-server")
 NEED_VENV = ("lint", "ui")
+NEED_DEV_TOOLS = ("test", "test-fast", "screenshots", "bench", "lint")  # the rest install only the pipeline's
 # Stands in for python3 and npm: logs its folder and arguments; `-m venv DIR` makes DIR/bin/python a copy of it.
 STUB = """#!/bin/sh
 echo "$PWD|$(basename "$0") $*" >> "$STUB_LOG"
@@ -75,6 +76,7 @@ def test_every_target_that_needs_the_set_up_builds_it_first(fresh: Path) -> None
         plan = make(fresh, "-n", target)
         assert "-m venv .venv" in plan, f"make {target} does not create the venv first:\n{plan}"
         assert ("web/build_template.py" in plan) == (target in NEED_VENV_AND_PAGE), f"make {target}:\n{plan}"
+        assert ("-e '.[dev]'" in plan) == (target in NEED_DEV_TOOLS), f"make {target}:\n{plan}"
     # make test also installs what the browser, team-server and emulated-CPU tests need, when it is missing.
     plan = make(fresh, "-n", "test")
     for tool in ("chromium", "postgresql", "qemu-user"):
@@ -98,7 +100,7 @@ def test_the_first_run_set_up_runs_in_a_folder_with_a_space(fresh: Path, tmp_pat
     assert list(commands[1:]) == [
         "python3 -m venv .venv",
         "python -m pip install --quiet --upgrade pip",
-        "python -m pip install --quiet -c requirements.lock -e .[dev]",
+        "python -m pip install --quiet -c requirements.lock -e .",
         "npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error",
         "python3 web/build_template.py",
     ]
