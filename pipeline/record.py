@@ -109,9 +109,6 @@ def description(metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5:
         v, error = metrics[n], f"{se[n]:.3g} ({se[n + '_se']:.3g})" if n in se else "–"
         rows.append(f"| {n} | {v['true']:.6g} | {v['learned']:.6g} | {v['closed_form']:.6g} | {gap[n]:.3g} | {error} |")
     c, test = report["convergence"], metrics["test"]
-    observed, predicted = c["observed_epochs"], c["predicted_epochs"]
-    reached = f"after **{observed}** epochs" if observed is not None else "**not reached** in the epochs run"
-    bound = f"theory: at most {predicted}" if predicted is not None else "theory bounds plain full-batch descent only"
     tags = provenance_tags("evaluate")
     commit, experiment = tags.get(GIT_COMMIT_TAG), tags.get("dvc_exp_name")
     if experiment:
@@ -125,13 +122,23 @@ def description(metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5:
         [
             *rows,
             "",
-            f"Within {c['tolerance']:g} of the closed form: {reached} ({bound}); largest stable lr "
+            f"Within {c['tolerance']:g} of the closed form: {convergence(c, '**')}; largest stable lr "
             f"{report['stability']['lr_max']:.4g}. Test MSE {test['mse_learned']:.6g} (closed form "
             f"{test['mse_closed_form']:.6g}).",
             "",
             f"Data md5 `{data_md5}`, model md5 `{model_md5}`. The same bytes again: {again}.",
         ]
     )
+
+
+def convergence(c: Mapping[str, Any], em: str = "") -> str:
+    """When training came within the tolerance of the closed form, and what theory predicted, in words where either
+    is missing (None in train.json); `em` marks the outcome up ("**" in markdown)."""
+    observed, predicted = c["observed_epochs"], c["predicted_epochs"]
+    reached = f"after {em}{observed}{em} epochs" if observed is not None else f"{em}not reached{em} in the epochs run"
+    if predicted is not None:
+        return f"{reached} (theory: at most {predicted})"
+    return f"{reached} (theory gives no bound: it bounds plain full-batch descent below the stability limit only)"
 
 
 def dataset(source: str, digest: str, table: data.Table) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline import cli, config, tracking
+from pipeline import cli, config, record, tracking
 from pipeline.io import md5_file
 
 UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves the MLflow UI
@@ -32,8 +32,7 @@ def table(m: dict[str, Any], t: dict[str, Any]) -> str:
     rows.append(f"test MSE: learned {m['test']['mse_learned']:.6g}, closed form {m['test']['mse_closed_form']:.6g}")
     c, st = t["convergence"], t["stability"]
     rows.append(
-        f"within {c['tolerance']:g} of the closed form after {c['observed_epochs']} epochs "
-        f"(theory: {c['predicted_epochs']}); largest stable lr {st['lr_max']:.4g}"
+        f"within {c['tolerance']:g} of the closed form: {record.convergence(c)}; largest stable lr {st['lr_max']:.4g}"
     )
     return "\n".join(rows)
 

@@ -192,11 +192,9 @@ def log_result(
 def summarise(report: dict[str, Any], parameters: Any) -> None:
     c = report["convergence"]
     cli.log.info(
-        "within %g of the closed form after %s epochs (theory: at most %s); lr limit %.4g; autograd vs analytic "
-        "gradient: max |diff| %.3g",
+        "within %g of the closed form: %s; lr limit %.4g; autograd vs analytic gradient: max |diff| %.3g",
         c["tolerance"],
-        c["observed_epochs"],
-        c["predicted_epochs"],
+        record.convergence(c),
         report["stability"]["lr_max"],
         report["gradient_check"]["max_abs_diff"],
     )

@@ -20,7 +20,7 @@ import pytest
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli, data, evaluate, generate, tracking, train
+from pipeline import cli, data, evaluate, generate, summary, tracking, train
 from pipeline.io import md5_file
 from tests.conftest import REPO
 
@@ -168,7 +168,12 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(workdir: Path) -> No
         assert cells[3] == pytest.approx(m["optimisation_gap"][name], rel=5e-3), row
     # Mini-batches: not within the tolerance at the end, and no theoretical bound (plain full-batch descent only).
     assert report["convergence"]["observed_epochs"] is None and report["convergence"]["predicted_epochs"] is None
-    assert "**not reached** in the epochs run (theory bounds plain full-batch descent only)" in note
+    assert "**not reached** in the epochs run (theory gives no bound: it bounds plain full-batch descent" in note
+    # make repro's summary says so in the same words, not "after None epochs (theory: None)".
+    closing = summary.table(m, report)
+    tol = report["convergence"]["tolerance"]
+    assert f"within {tol:g} of the closed form: not reached in the epochs run (theory gives no bound" in closing
+    assert "None" not in closing
     assert f"Data md5 `{md5_file(workdir / 'g/train.parquet')}`" in note
     assert f"model md5 `{md5_file(workdir / 'm/model.safetensors')}`" in note
     assert "no git commit was recorded" in note  # this folder is no git repository
