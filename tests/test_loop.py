@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import shlex
 import subprocess
 from pathlib import Path
@@ -201,7 +202,9 @@ def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch
     assert after == before
 
 
-def test_library_folders_with_a_space_need_the_workaround_which_changes_nothing_else(tmp_path: Path) -> None:
+def test_library_folders_with_a_space_need_the_workaround_which_changes_nothing_else(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A real link against a library in a folder with a space, as torch/lib is in a venv under "new user ü"."""
     from torch._inductor import cpp_builder, exc
 
@@ -226,10 +229,16 @@ def test_library_folders_with_a_space_need_the_workaround_which_changes_nothing_
     else:
         pytest.fail("torch quotes -L folders itself now (pytorch/pytorch#191010): remove tuning.quoted_library_dirs")
     assert "cannot find" in failed.output, failed.output
-    # Inductor's page of compiler output as the stage shows it: one line, naming what the linker missed.
-    with pytest.raises(BuildError) as one_line, tuning.one_line_build_errors():
+    # Inductor's page of compiler output as the stage shows it: one line, naming what the linker missed; the whole
+    # page in the debug log (PIPELINE_LOG_LEVEL=DEBUG).
+    with (
+        caplog.at_level(logging.DEBUG, "pipeline.tuning"),
+        pytest.raises(BuildError) as one_line,
+        tuning.one_line_build_errors(),
+    ):
         raise exc.InductorError(failed, None)
     assert "could not be built: /usr/bin/ld: cannot find" in str(one_line.value) and "\n" not in str(one_line.value)
+    assert failed.output in caplog.text
     with tuning.quoted_library_dirs():
         builders = {"plain": link(plain, "plain"), "spaced": link(spaced, "spaced")}
         builders["spaced"].build()
