@@ -61,7 +61,7 @@ def pin(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     return replaced
 
 
-REPLACED = pin()  # the one effect of importing the package (pipeline/__init__.py), recorded by tags()
+REPLACED = pin()  # an effect of importing the package (pipeline/__init__.py), recorded by tags()
 LATE = tuple(name for name in LIBRARIES if name in sys.modules)  # not yet imported, normally
 
 
