@@ -124,7 +124,10 @@ UI_PORT ?= 5000
 ui: $(VENV)/.installed ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...) against the pipeline's store
 	@echo "the runs, in the UI's model-training mode: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning"
 	@# One process is plenty for one person, and it keeps TCP_NODELAY (Kludex/uvicorn#3149: more workers lose it).
-	mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port $(UI_PORT) --workers 1
+	@# MLflow's usage telemetry off unless the environment says otherwise, as the package does for the stages:
+	@# `mlflow ui` does not import the package (tests/test_paths.py traces it).
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \
+		mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 lock: ## Re-resolve the dependencies from pyproject.toml and rewrite requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
