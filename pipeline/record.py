@@ -9,7 +9,8 @@ table mirrors "What a run holds" in docs/pipeline.md:
 | loss, grad_*, weights and bias per epoch (step 0: the start), | metrics (series) | initial_series, epoch_series, |
 | batch_loss per optimiser step                                 |                  | batch_series                  |
 | train.json at the last epoch; metrics.json, sklearn's gap     | metrics          | train_metrics, eval_metrics   |
-| git, dvc_exp_name, data_md5, sweep, numerics, cpu; model_md5  | tags             | train_tags, evaluate_tags     |
+| git, dvc_exp_name, data_md5, sweep, numerics, cpu,           | tags             | train_tags, evaluate_tags     |
+| mlflow_telemetry; model_md5                                   |                  |                               |
 | the method, optimiser, lr and epochs, or the DVC experiment   | run name         | run_name                      |
 | the result, its hashes and how to reproduce it (markdown)     | description      | description                   |
 | the training table, digest = its md5                          | inputs           | dataset                       |
@@ -35,6 +36,13 @@ NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI, rendered as
 # The experiment's kind: MLflow 3's UI opens a "custom_model_development" one on its model-training pages (runs,
 # metrics, models), and one without the tag in its GenAI mode (traces, prompts, judges).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TELEMETRY_TAG = "mlflow_telemetry"  # off or on: whether MLflow could send usage data while the run was logged
+# The variables by which MLflow 3.17 takes a machine for CI or a test run, and then sends nothing.
+MLFLOW_CI_VARIABLES = (
+    *("CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "TF_BUILD"),
+    *("BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION"),
+    *("RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID"),
+)
 EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (steps, values)
@@ -85,12 +93,27 @@ def train_tags(data_md5: str, sweep: str | None) -> dict[str, str]:
         | {"data_md5": data_md5}
         | ({} if sweep is None else {"sweep": sweep})
         | numerics.tags()
+        | telemetry_tags()
     )
 
 
 def evaluate_tags() -> dict[str, str]:
     """The tags of a run evaluate starts itself, when no run in the store trained its model."""
-    return provenance_tags("evaluate") | numerics.tags()
+    return provenance_tags("evaluate") | numerics.tags() | telemetry_tags()
+
+
+def telemetry_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Whether MLflow's usage telemetry was on in the environment the tracking worker inherits, decided as MLflow
+    3.17 decides it (mlflow.telemetry.utils; tests/test_tracking.py holds the two together): off for
+    MLFLOW_DISABLE_TELEMETRY true or 1, or any value MLflow cannot parse, for DO_NOT_TRACK=true, and on a
+    machine that looks like CI. The package sets the variable to true unless it is set (pipeline/__init__.py)."""
+    disable = environ.get("MLFLOW_DISABLE_TELEMETRY")
+    off = (
+        (disable is not None and disable.lower() not in ("false", "0"))
+        or environ.get("DO_NOT_TRACK", "false").lower() == "true"
+        or any(name in environ for name in MLFLOW_CI_VARIABLES)
+    )
+    return {TELEMETRY_TAG: "off" if off else "on"}
 
 
 def run_name(cfg: config.Config) -> str:

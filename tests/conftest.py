@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import config
+from pipeline import config, record
 
 REPO = Path(__file__).resolve().parents[1]
 SETUP_BUILT = ("web/dvc-plots.html",)  # git ignores them; `make install` builds them (Makefile)
@@ -48,6 +48,16 @@ def pipeline_env(**extra: str) -> dict[str, str]:
         "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.invalid",
     }
+    return env | extra
+
+
+def telemetry_env(**extra: str) -> dict[str, str]:
+    """pipeline_env() without what keeps MLflow's telemetry quiet whatever the project does: a CI or test-run
+    variable (pytest's own PYTEST_CURRENT_TEST among them), DO_NOT_TRACK. In it, only the project's own default
+    stands between MLflow and its servers (tests/test_paths.py traces what it reaches)."""
+    env = pipeline_env()
+    for name in ("DO_NOT_TRACK", *record.MLFLOW_CI_VARIABLES):
+        env.pop(name, None)
     return env | extra
 
 

@@ -12,6 +12,8 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -27,7 +29,7 @@ from mlflow.utils import mlflow_tags
 
 from pipeline import generate, record, tracking, tracking_worker, train
 from pipeline.errors import TrackingError
-from tests.conftest import REPO, free_port, mlflow_server
+from tests.conftest import REPO, free_port, mlflow_server, telemetry_env
 
 
 @pytest.fixture
@@ -75,6 +77,45 @@ def test_environment_overrides_the_store(root: Path, monkeypatch: pytest.MonkeyP
 def test_the_tag_names_spelt_out_are_mlflows_own() -> None:
     assert record.SOURCE_NAME_TAG == mlflow_tags.MLFLOW_SOURCE_NAME
     assert record.GIT_COMMIT_TAG == mlflow_tags.MLFLOW_GIT_COMMIT
+
+
+@pytest.mark.parametrize(
+    ("environ", "tag"),
+    [
+        ({}, "on"),  # MLflow's default; the package's own is the next test's
+        ({"MLFLOW_DISABLE_TELEMETRY": "false"}, "on"),
+        ({"MLFLOW_DISABLE_TELEMETRY": "0"}, "on"),
+        ({"MLFLOW_DISABLE_TELEMETRY": "true"}, "off"),
+        ({"MLFLOW_DISABLE_TELEMETRY": "1"}, "off"),
+        ({"MLFLOW_DISABLE_TELEMETRY": "no"}, "off"),  # MLflow's parse fails on it, and a failed check means off
+        ({"MLFLOW_DISABLE_TELEMETRY": "false", "DO_NOT_TRACK": "true"}, "off"),
+        *(({"MLFLOW_DISABLE_TELEMETRY": "false", name: "1"}, "off") for name in record.MLFLOW_CI_VARIABLES),
+    ],
+)
+def test_the_telemetry_tag_says_what_mlflow_decides(
+    environ: dict[str, str], tag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.telemetry import utils  # the decision itself, private to MLflow: the oracle
+
+    for name in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", *record.MLFLOW_CI_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    # MLflow looks for the CI variables once, at import (when pytest's PYTEST_CURRENT_TEST was set): again, here.
+    monkeypatch.setattr(utils, "_IS_IN_CI_ENV_OR_TESTING", utils._is_ci_env_or_testing())
+    assert utils.is_telemetry_disabled() == (tag == "off")
+    assert record.telemetry_tags() == {"mlflow_telemetry": tag}
+    assert record.train_tags("md5", None)["mlflow_telemetry"] == record.evaluate_tags()["mlflow_telemetry"] == tag
+
+
+def test_importing_the_package_turns_mlflow_telemetry_off_unless_the_user_turned_it_on() -> None:
+    # A fresh interpreter each time: this one imported the package long ago.
+    code = "import os, pipeline.record as r; print(os.getenv('MLFLOW_DISABLE_TELEMETRY'), *r.telemetry_tags().values())"
+    for given, expected in ((None, "true off"), ("false", "false on"), ("true", "true off")):
+        env = telemetry_env(**({} if given is None else {"MLFLOW_DISABLE_TELEMETRY": given}))
+        assert env.get("MLFLOW_DISABLE_TELEMETRY") == given  # unset: not even this process's value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split(), given
 
 
 @pytest.mark.slow
