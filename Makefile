@@ -17,7 +17,7 @@ SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 DEV        := $(SETUP) $(VENV)/.installed-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser postgres qemu team-server repro notebook test test-fast sweep screenshots bench lint ui lock clean
+.PHONY: help install browser postgres qemu strace team-server repro notebook test test-fast sweep screenshots bench lint ui lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,15 @@ qemu: ## Install Debian's qemu-user for the emulated-CPU tests, if qemu-x86_64 i
 	    echo "error: the emulated-CPU tests need qemu-user: sudo apt-get install qemu-user" >&2; exit 2; \
 	  fi; }
 
+# The telemetry test traces what the pipeline and the UI connect to with strace; as root (CI), this installs Debian's.
+strace: ## Install Debian's strace for the test that nothing connects out, if it is missing
+	@command -v strace >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace; \
+	  else \
+	    echo "error: the telemetry test needs strace: sudo apt-get install strace" >&2; exit 2; \
+	  fi; }
+
 TEAM_DIR ?= .team
 team-server: $(SETUP) postgres ## Start PostgreSQL and an MLflow server on it at http://127.0.0.1:5001 (data in TEAM_DIR)
 	python -m pipeline.team_server --dir "$(TEAM_DIR)"
@@ -80,7 +89,7 @@ notebook: repro $(DEV) ## Run notebooks/walkthrough.ipynb again in place, on the
 	jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False \
 		notebooks/walkthrough.ipynb
 
-test: $(DEV) browser postgres qemu ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
+test: $(DEV) browser postgres qemu strace ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
 	ruff check pipeline tests web benchmarks
 	ruff format --check pipeline tests web benchmarks
 	mypy

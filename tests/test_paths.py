@@ -3,13 +3,18 @@
 
 GNU make splits words on spaces, and runs a command line without shell syntax itself, splitting it there too:
 an unquoted absolute path in a recipe fails with "make: /tmp/.../my: No such file or directory".
+
+The copy's `make repro` and one `make ui` also run under strace (tests/outbound.py): nothing they start reaches
+beyond the machine, MLflow's usage telemetry included.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
+import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -18,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_repo, pipeline_env, sh
+from tests import outbound
+from tests.conftest import copy_repo, free_port, pipeline_env, sh, telemetry_env, wait_for_port
 
 pytestmark = pytest.mark.slow
 
@@ -60,13 +66,23 @@ def fresh(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repro_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy after `make repro`, its .venv a link to this project's venv (no 75 s install)."""
+def repro_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where repro_repo's `make repro` leaves its strace log (tests/outbound.py), outside the copy's folder."""
+    return tmp_path_factory.mktemp("trace") / "repro.strace"
+
+
+@pytest.fixture(scope="module")
+def repro_repo(tmp_path_factory: pytest.TempPathFactory, repro_trace: Path) -> Path:
+    """A copy after `make repro`, its .venv a link to this project's venv (no 75 s install).
+
+    Every stage runs in it, so it is also the test that the pipeline reaches nothing beyond this machine: under
+    strace where it can trace, and where nothing but the project's own default turns MLflow's telemetry off."""
     repo = copy_repo(tmp_path_factory.mktemp("paths") / FOLDER)
     (repo / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
     # -o: make must take the linked venv and the copied page as built; remaking .venv/.installed would pip install
     # this copy into the project's own venv.
-    out = make(repo, "-o", ".venv/.installed", "-o", PAGE, "repro")
+    command = ("make", "--no-print-directory", "-o", ".venv/.installed", "-o", PAGE, "repro")
+    out = sh(repo, *outbound.traced(repro_trace, *command), env=telemetry_env()).stdout
     assert "pip install" not in out and "npm" not in out, out
     return repo
 
@@ -77,9 +93,9 @@ def test_every_target_that_needs_the_set_up_builds_it_first(fresh: Path) -> None
         assert "-m venv .venv" in plan, f"make {target} does not create the venv first:\n{plan}"
         assert ("web/build_template.py" in plan) == (target in NEED_VENV_AND_PAGE), f"make {target}:\n{plan}"
         assert ("-e '.[dev]'" in plan) == (target in NEED_DEV_TOOLS), f"make {target}:\n{plan}"
-    # make test also installs what the browser, team-server and emulated-CPU tests need, when it is missing.
+    # make test also installs what the browser, team-server, emulated-CPU and telemetry tests need, when missing.
     plan = make(fresh, "-n", "test")
-    for tool in ("chromium", "postgresql", "qemu-user"):
+    for tool in ("chromium", "postgresql", "qemu-user", "strace"):
         assert f"apt-get install {tool}" in plan, f"make test does not check for {tool}:\n{plan}"
 
 
@@ -196,3 +212,46 @@ def test_one_experiment_at_a_time_works_in_the_folder_compiled_step_included(rep
     )
     assert compiled == "True"
     assert list((tmp_path / "inductor").rglob("*.so")), "nothing was compiled"
+
+
+def test_nothing_reaches_beyond_the_machine_from_make_repro_or_make_ui(
+    repro_repo: Path, repro_trace: Path, tmp_path: Path
+) -> None:
+    outbound.require()
+    # The control: in the same environment and under the same trace, MLflow with its telemetry on is caught. It
+    # fetches the UI's telemetry settings, as `make ui` would for its page, in a network namespace of its own
+    # where unshare can make one: the DNS query is tried, and traced, but goes nowhere.
+    control = tmp_path / "control.strace"
+    fetch = "from mlflow.telemetry.utils import fetch_ui_telemetry_config; fetch_ui_telemetry_config()"
+    command = outbound.traced(control, *outbound.offline(), sys.executable, "-c", fetch)
+    sh(tmp_path, *command, env=telemetry_env(MLFLOW_DISABLE_TELEMETRY="false"))
+    assert outbound.outgoing(control), f"the trace does not show MLflow's telemetry:\n{control.read_text()}"
+
+    # make repro, traced in the fixture: every stage and the tracking worker, with only the package's default.
+    assert outbound.processes(repro_trace) >= 10, repro_trace.read_text()  # make, dvc, the stages, their workers
+    assert outbound.outgoing(repro_trace) == []
+    tagged = query(repro_repo / "mlruns" / "mlflow.db", "SELECT value FROM tags WHERE key = 'mlflow_telemetry'")
+    assert tagged and set(tagged) == {("off",)}  # and each run says so
+
+    # make ui, traced, asked for its page and for the telemetry settings the page would act on.
+    log, port = tmp_path / "ui.strace", free_port()
+    ui = subprocess.Popen(
+        outbound.traced(log, "make", "-s", "-o", ".venv/.installed", "-o", PAGE, "ui", f"UI_PORT={port}"),
+        cwd=repro_repo,
+        env=telemetry_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert wait_for_port(port, 90), "the MLflow UI did not start"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert b"<html" in page.read().lower()
+        settings = f"http://127.0.0.1:{port}/ajax-api/3.0/mlflow/ui-telemetry"
+        with urllib.request.urlopen(settings, timeout=30) as answer:
+            assert json.load(answer)["disable_ui_telemetry"] is True  # the page is told to send nothing either
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=60)
+    assert "HTTP/1.1 200 OK" in log.read_text(errors="replace"), "the trace did not follow the server that answered"
+    assert outbound.outgoing(log) == []
