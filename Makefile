@@ -9,7 +9,7 @@ VENV   := .venv
 # path, and prerequisites stay relative.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-# DVC's plot page with its JavaScript inlined (`dvc plots show` offline), built from the npm registry.
+# DVC's plot page with its JavaScript inlined (`dvc plots show` offline), built from a pinned Python package.
 PLOTS_PAGE := web/dvc-plots.html
 # What the pipeline needs (make repro), and the development tools on top (make test): a first result does not
 # wait for jupyterlab, mypy and the rest.
@@ -33,10 +33,9 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(VENV)/bin/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	@touch $@
 
-$(PLOTS_PAGE): web/package.json web/package-lock.json web/build_template.py
-	@command -v npm >/dev/null || { echo "error: npm is needed to fetch the plot page's JavaScript (Debian: apt-get install npm)" >&2; exit 2; }
-	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
-	$(PYTHON) web/build_template.py
+# The venv's python (first on PATH): the JavaScript comes from its vl-convert-python (requirements.lock).
+$(PLOTS_PAGE): web/build_template.py $(VENV)/.installed
+	python web/build_template.py
 
 install: $(SETUP) ## Create .venv, install the pipeline's pinned dependencies and build the offline plot page
 
@@ -148,4 +147,4 @@ lock: ## Re-resolve the dependencies from pyproject.toml and rewrite requirement
 	rm -rf .lock-venv
 
 clean: ## Remove the virtual environment and caches (keeps data/, the DVC cache and the MLflow store)
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info web/node_modules $(PLOTS_PAGE)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info $(PLOTS_PAGE)
