@@ -72,6 +72,17 @@ def dom(url: str, budget_ms: int = 15_000, size: tuple[int, int] = (1600, 1000))
     return _run(url, "--dump-dom", budget_ms=budget_ms, size=size).stdout
 
 
+# How Chromium logs a console message to stderr (--enable-logging=stderr): [...:INFO:CONSOLE:12] "text", source: ...
+# ("CONSOLE(12)" in older versions); the text may run over several lines (a stack trace).
+CONSOLE = re.compile(r'^\[[^\]\n]*:CONSOLE[:(]\d+\)?\] "(.*?)", source: ', re.M | re.S)
+
+
+def dom_and_console(url: str, budget_ms: int = 15_000, size: tuple[int, int] = (1600, 1000)) -> tuple[str, list[str]]:
+    """The page's DOM, as dom() has it, and what its scripts wrote to the console: logs, warnings, uncaught errors."""
+    run = _run(url, "--dump-dom", "--enable-logging=stderr", "--v=0", budget_ms=budget_ms, size=size)
+    return run.stdout, CONSOLE.findall(run.stderr)
+
+
 def screenshot(url: str, name: str, budget_ms: int = 15_000, size: tuple[int, int] = (1600, 1000)) -> Path:
     """A PNG of the page, saved as ARTIFACTS/name (test-artifacts/ unless TEST_ARTIFACTS says otherwise)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
