@@ -72,6 +72,29 @@ def test_dvc_default_page_stays_blank_offline(repro_repo: Path, tmp_path: Path) 
     assert sum("vegaEmbed is not defined" in message for message in console) == VEGA_PLOTS, console
 
 
+GLOBALS_PROBE = (
+    '<pre id="globals"></pre><script>document.getElementById("globals").textContent = Object.keys(window)</script>'
+)
+
+
+def window_globals(html: str, path: Path) -> set[str]:
+    """The names a page's scripts have set on window (var, function, assignment) once they have run."""
+    head, end, tail = html.rpartition("</body>")  # the last: vega-embed's code holds a "</body>" of its own
+    path.write_text(f"{head}{GLOBALS_PROBE}\n{end}{tail}")
+    found = re.search(r'<pre id="globals">([^<]*)</pre>', browser.dom(path.as_uri()))
+    assert found, "the probe did not run"
+    return set(found.group(1).split(","))
+
+
+def test_dvc_plots_page_adds_only_vega_embed_to_the_pages_globals(repro_repo: Path, tmp_path: Path) -> None:
+    """The libraries' bundle is an ES module's minified code: run as a plain script, its thousands of top-level
+    names would be globals beside those of DVC's scripts. web/build_template.py wraps it in a function."""
+    page = plots_page(repro_repo, tmp_path / "plots").read_text()
+    blank = window_globals("<!DOCTYPE html><html><body></body></html>", tmp_path / "blank.html")
+    # vegaEmbed from the bundle; spec from DVC's `var spec = ...` in each plot's script.
+    assert window_globals(page, tmp_path / "probed.html") - blank == {"vegaEmbed", "spec"}
+
+
 def line_points(dom: str) -> list[tuple[float, float]]:
     """The (x, y) screen points of the first Plotly line in the page."""
     paths = re.findall(r'<path class="js-line" d="M([^"]+)"', dom)
