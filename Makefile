@@ -127,7 +127,7 @@ lint: $(VENV)/.installed-dev ## Fix what ruff can fix and reformat the code
 	ruff format pipeline tests web benchmarks
 
 # Loopback only, with MLflow's host-header and CORS checks left on: never --host 0.0.0.0, --allowed-hosts '*'
-# or --disable-security-middleware here (tests/test_reliability.py checks a foreign Host gets 403).
+# or --disable-security-middleware here (tests/test_paths.py checks a foreign Host gets 403).
 UI_PORT ?= 5000
 ui: $(VENV)/.installed ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=...) against the pipeline's store
 	@echo "the runs, in the UI's model-training mode: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning"

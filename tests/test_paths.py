@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -214,9 +215,7 @@ def test_one_experiment_at_a_time_works_in_the_folder_compiled_step_included(rep
     assert list((tmp_path / "inductor").rglob("*.so")), "nothing was compiled"
 
 
-def test_nothing_reaches_beyond_the_machine_from_make_repro_or_make_ui(
-    repro_repo: Path, repro_trace: Path, tmp_path: Path
-) -> None:
+def test_make_repro_reaches_nothing_beyond_the_machine(repro_repo: Path, repro_trace: Path, tmp_path: Path) -> None:
     outbound.require()
     # The control: in the same environment and under the same trace, MLflow with its telemetry on is caught. It
     # fetches the UI's telemetry settings, as `make ui` would for its page, in a network namespace of its own
@@ -233,7 +232,12 @@ def test_nothing_reaches_beyond_the_machine_from_make_repro_or_make_ui(
     tagged = query(repro_repo / "mlruns" / "mlflow.db", "SELECT value FROM tags WHERE key = 'mlflow_telemetry'")
     assert tagged and set(tagged) == {("off",)}  # and each run says so
 
-    # make ui, traced, asked for its page and for the telemetry settings the page would act on.
+
+def test_make_ui_listens_on_loopback_only_refuses_a_foreign_host_and_reaches_nothing_beyond(
+    repro_repo: Path, tmp_path: Path
+) -> None:
+    outbound.require()
+    # One start of the UI, traced (tests/outbound.py; the detector's control is the test above).
     log, port = tmp_path / "ui.strace", free_port()
     ui = subprocess.Popen(
         outbound.traced(log, "make", "-s", "-o", ".venv/.installed", "-o", PAGE, "ui", f"UI_PORT={port}"),
@@ -245,6 +249,21 @@ def test_nothing_reaches_beyond_the_machine_from_make_repro_or_make_ui(
     )
     try:
         assert wait_for_port(port, 90), "the MLflow UI did not start"
+
+        def status(host: str) -> int:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                # An API call: /health and /version are exempt from MLflow's host check by design.
+                request = f"GET /api/2.0/mlflow/experiments/search?max_results=1 HTTP/1.1\r\nHost: {host}\r\n"
+                s.sendall(f"{request}Connection: close\r\n\r\n".encode())
+                return int(s.recv(64).split()[1])
+
+        assert status(f"127.0.0.1:{port}") == 200
+        assert status("evil.example.com") == 403
+        # The kernel's table of listening sockets (state 0A): every one on this port is bound to 127.0.0.1.
+        rows = [line.split() for name in ("tcp", "tcp6") for line in Path(f"/proc/net/{name}").read_text().splitlines()]
+        bound = [r[1].split(":")[0] for r in rows[1:] if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]
+        assert bound and all(addr == "0100007F" for addr in bound), bound  # 127.0.0.1, little-endian hex
+        # The page, and the telemetry settings the page would act on.
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
             assert b"<html" in page.read().lower()
         settings = f"http://127.0.0.1:{port}/ajax-api/3.0/mlflow/ui-telemetry"

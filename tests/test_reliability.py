@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import config, data, evaluate, summary, tracking, train
 from pipeline.errors import ConfigError, TrackingError
 from pipeline.io import md5_file
-from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh, wait_for_port
+from tests.conftest import REPO, copy_repo, free_port, pipeline_env, sh
 
 OUTPUTS = (
     "data/generated/train.parquet",
@@ -350,45 +349,6 @@ def test_four_queued_experiments_on_two_workers_all_land_in_the_store(repo: Path
     assert all("weight.learned" in r.data.metrics for r in finished)  # evaluate found each one's own run
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
     assert all(lr in shown for lr in rates)
-
-
-# The UI stays on loopback with MLflow's host check on.
-
-
-@pytest.mark.slow
-def test_ui_command_binds_loopback_and_refuses_a_foreign_host_header(repo: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        # In the copy, with this environment's venv on PATH (-o: do not (re)create a .venv there).
-        ["make", "-s", "-o", ".venv/.installed", "ui", f"UI_PORT={port}"],
-        cwd=repo,
-        env=pipeline_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        if not wait_for_port(port, 90):
-            pytest.fail("the MLflow UI did not start")
-
-        def get(host: str) -> int:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                # An API call: /health and /version are exempt from the host check by design.
-                request = f"GET /api/2.0/mlflow/experiments/search?max_results=1 HTTP/1.1\r\nHost: {host}\r\n"
-                s.sendall(f"{request}Connection: close\r\n\r\n".encode())
-                return int(s.recv(64).split()[1])
-
-        assert get(f"127.0.0.1:{port}") == 200
-        assert get("evil.example.com") == 403
-        # The kernel's table of listening sockets (state 0A): every one on this port is bound to 127.0.0.1.
-        rows = [
-            line.split() for name in ("tcp", "tcp6") for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]
-        ]
-        bound = [r[1].split(":")[0] for r in rows if r[3] == "0A" and int(r[1].split(":")[1], 16) == port]
-        assert bound and all(addr == "0100007F" for addr in bound), bound  # 127.0.0.1, little-endian hex
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 # Artifact paths stay inside the run.
