@@ -1,5 +1,6 @@
-"""What makes the training loop fast, kept apart from the lesson (pipeline/loop.py): its compiled step, the data
-layout, when compiling pays, the deterministic switch, and how often fit() streams the trajectory out.
+"""What makes the training loop fast, kept apart from the lesson (pipeline/loop.py): its compiled step (and what it
+takes to build it in any folder, or to fail in one line), the data layout, when compiling pays, the deterministic
+switch, and how often fit() streams the trajectory out.
 
 None of it changes what is computed, only how fast: each setting is explained here, and what each one buys, as
 measured, is in docs/performance.md. This module does not import pipeline.loop; loop imports it.
@@ -19,6 +20,7 @@ from torch import nn, optim
 from pipeline.errors import BuildError
 
 log = logging.getLogger(__name__)
+
 TrainStep = Callable[[nn.Module, nn.Module, optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # How often fit() hands the growing trajectory to on_epochs: each second, for a live curve in the MLflow UI,
