@@ -94,8 +94,8 @@ test: $(DEV) browser postgres qemu strace ## Lint, type-check and run the whole 
 	mypy
 	python -m pytest
 
-test-fast: $(DEV) ## Only the unit tests (skips those marked slow, which run DVC, servers, browsers or subprocesses)
-	python -m pytest -m "not slow"
+test-fast: $(DEV) ## Only the unit tests (tests/conftest.py: the stage and system tiers run processes, DVC, servers)
+	python -m pytest -m unit
 
 # A grid of queued DVC experiments, run JOBS at a time into the one MLflow store, every run tagged
 # sweep=SWEEP (filter on it in the MLflow UI and compare). GRID: one or more space-separated name=v1,v2,...

@@ -19,9 +19,9 @@ from dvc_render.html import PAGE_HTML
 
 from pipeline import config, summary, tracking
 from tests import browser
-from tests.conftest import logged_params, mlflow_server, rest, sh, yaml_params
+from tests.helpers import logged_params, mlflow_server, rest, sh, yaml_params
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 VEGA_PLOTS = 3  # the trajectory plots of dvc.yaml (loss, parameters, gradients); the rest are PNG images
 
@@ -42,8 +42,8 @@ def plots_page(repo: Path, out: Path, *template: str) -> Path:
     return out / "index.html"
 
 
-def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(repro_repo: Path, tmp_path: Path) -> None:
-    page = plots_page(repro_repo, tmp_path / "plots")
+def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(repo: Path, tmp_path: Path) -> None:
+    page = plots_page(repo, tmp_path / "plots")
     refs = References()
     refs.feed(page.read_text())
     assert refs.found, "the page should at least show the PNG plots"
@@ -59,12 +59,12 @@ def test_dvc_plots_page_loads_nothing_from_the_internet_and_draws_every_plot(rep
     assert browser.inked_fraction(shot) > 0.01  # not a blank page (the DOM check above is the sharp one)
 
 
-def test_dvc_default_page_stays_blank_offline(repro_repo: Path, tmp_path: Path) -> None:
+def test_dvc_default_page_stays_blank_offline(repo: Path, tmp_path: Path) -> None:
     """The control for the test above: with DVC's own page, whose libraries come from a CDN, the same check
     finds no plot. So it is the template that makes the difference, not a browser with a way out."""
     default = tmp_path / "default.html"
     default.write_text(PAGE_HTML)
-    page = plots_page(repro_repo, tmp_path / "plots", "--html-template", str(default))
+    page = plots_page(repo, tmp_path / "plots", "--html-template", str(default))
     assert "cdn.jsdelivr.net" in page.read_text()
     dom, console = browser.dom_and_console(page.as_uri())
     assert not re.findall(r'<canvas[^>]*class="marks"', dom)
@@ -86,10 +86,10 @@ def window_globals(html: str, path: Path) -> set[str]:
     return set(found.group(1).split(","))
 
 
-def test_dvc_plots_page_adds_only_vega_embed_to_the_pages_globals(repro_repo: Path, tmp_path: Path) -> None:
+def test_dvc_plots_page_adds_only_vega_embed_to_the_pages_globals(repo: Path, tmp_path: Path) -> None:
     """The libraries' bundle is an ES module's minified code: run as a plain script, its thousands of top-level
     names would be globals beside those of DVC's scripts. web/build_template.py wraps it in a function."""
-    page = plots_page(repro_repo, tmp_path / "plots").read_text()
+    page = plots_page(repo, tmp_path / "plots").read_text()
     blank = window_globals("<!DOCTYPE html><html><body></body></html>", tmp_path / "blank.html")
     # vegaEmbed from the bundle; spec from DVC's `var spec = ...` in each plot's script.
     assert window_globals(page, tmp_path / "probed.html") - blank == {"vegaEmbed", "spec"}
@@ -102,11 +102,11 @@ def line_points(dom: str) -> list[tuple[float, float]]:
     return [(float(x), float(y)) for x, y in (p.split(",") for p in paths[0].split("L"))]
 
 
-def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path, tmp_path: Path) -> None:
-    cfg = config.load(repro_repo / "params.yaml")
-    trajectory = pd.read_csv(repro_repo / "data" / "model" / "trajectory.csv")
-    params = yaml_params(repro_repo / "params.yaml")
-    with mlflow_server(tmp_path, backend=tracking.default_uri(repro_repo)) as url:
+def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repo: Path, tmp_path: Path) -> None:
+    cfg = config.load(repo / "params.yaml")
+    trajectory = pd.read_csv(repo / "data" / "model" / "trajectory.csv")
+    params = yaml_params(repo / "params.yaml")
+    with mlflow_server(tmp_path, backend=tracking.default_uri(repo)) as url:
         api = f"{url}/api/2.0/mlflow"
         name = urllib.parse.quote(cfg.tracking.experiment)
         experiment = rest(f"{api}/experiments/get-by-name?experiment_name={name}")["experiment"]["experiment_id"]
@@ -146,7 +146,7 @@ def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repro_repo: Path,
         # The run's page renders its description: the result as a table, beside the files the stages wrote.
         run_page = f"{url}/#/experiments/{experiment}/runs/{run_id}?{summary.UI_MODE}"
         shown = browser.dom(run_page)
-        metrics = json.loads((repro_repo / "data" / "metrics" / "metrics.json").read_text())
+        metrics = json.loads((repo / "data" / "metrics" / "metrics.json").read_text())
         assert "<table" in shown and "optimisation gap" in shown
         assert f"{metrics['weight']['learned']:.6g}" in browser.page_text(shown)
         assert browser.inked_fraction(browser.screenshot(run_page, "mlflow-ui-run.png", size=(1800, 1300))) > 0.02

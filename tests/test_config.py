@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import config
 from pipeline.config import ConfigError
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def raw_defaults() -> dict[str, Any]:
@@ -103,14 +103,6 @@ def test_missing_key_and_unknown_section_are_refused() -> None:
         config.parse(raw, "params.yaml")
     with pytest.raises(ConfigError, match="unknown section 'trian'"):
         config.parse(raw_defaults() | {"trian": {}}, "params.yaml")
-
-
-def test_yaml_is_read_as_yaml_1_2_like_dvc(tmp_path: Path) -> None:
-    # YAML 1.1 (PyYAML) reads `no` as False and 1_000 as 1000; YAML 1.2 (ruamel, DVC) as strings.
-    text = (REPO / "params.yaml").read_text().replace("x_dist: normal", "x_dist: no")
-    (tmp_path / "params.yaml").write_text(text)
-    with pytest.raises(ConfigError, match=r"generate\.x_dist = 'no'"):
-        config.load(tmp_path / "params.yaml")
 
 
 def test_python_object_tags_are_refused_without_running_them(tmp_path: Path) -> None:

@@ -21,10 +21,10 @@ import pytest
 from ruamel.yaml import YAML
 
 from pipeline import numerics
-from tests.conftest import REPO, pipeline_env
+from tests.helpers import REPO, pipeline_env
 
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.system,
     pytest.mark.skipif(not numerics.portable_here(), reason="the same-bytes guarantee is for x86-64 CPUs"),
 ]
 

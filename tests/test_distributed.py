@@ -14,9 +14,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, distributed
-from tests.conftest import REPO, pipeline_env, sh
+from tests.helpers import REPO, pipeline_env, sh
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.stage
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
 DEVICES = [

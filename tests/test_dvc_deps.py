@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGE = "pipeline"
 

@@ -169,7 +169,7 @@ def test_compile_is_chosen_only_where_it_pays() -> None:
     assert tuning.should_compile("on", "nn", 10, 1) and not tuning.should_compile("off", "nn", 10**8, 10**4)
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_compiled_five_steps_follow_the_eager_trajectory(cfg: config.Config) -> None:
     X, y = train_arrays(cfg, n_samples=20_000)
     Xa, ya = loop.as_arrays(X, y, torch.float64)
@@ -181,7 +181,7 @@ def test_compiled_five_steps_follow_the_eager_trajectory(cfg: config.Config) -> 
     np.testing.assert_allclose(runs[1].values, runs[0].values, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.slow  # compiling from a cold inductor cache takes ~11 s
+@pytest.mark.stage  # compiling from a cold inductor cache
 def test_compiled_step_in_float32_follows_eager_repeats_exactly_and_leaves_torch_config_alone(
     cfg: config.Config,
 ) -> None:

@@ -132,7 +132,7 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 @pytest.mark.parametrize("w", [[3.0], [1.5, -2.0, 0.25]])
 def test_the_logged_model_loads_by_uri_and_predicts_what_the_nn_linear_does(root: Path, w: list[float]) -> None:
     import mlflow.artifacts
@@ -176,7 +176,7 @@ def test_the_logged_model_loads_by_uri_and_predicts_what_the_nn_linear_does(root
     assert not any(r.startswith("torch") for r in requirements), "serving the model should not need torch"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_a_registered_name_gets_a_new_version_per_model(root: Path) -> None:
     import mlflow.pyfunc
 

@@ -16,9 +16,9 @@ from unittest import mock
 import pytest
 
 from tests import browser
-from tests.conftest import REPO, copy_repo, pipeline_env, sh
+from tests.helpers import REPO, clone, pipeline_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 NOTEBOOK = Path("notebooks/walkthrough.ipynb")
 
 
@@ -70,17 +70,14 @@ def without_emulator(cells: list[list[tuple[str, str]]]) -> list[list[tuple[str,
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh copy after `dvc repro`: the notebook's last section reads its outputs and its MLflow run. Its own,
-    not conftest's repro_repo: tests in the same process run experiments there, which change its model."""
-    repo = copy_repo(tmp_path_factory.mktemp("notebook"))
-    sh(repo, "dvc", "repro")
-    return repo
+def site(reproduced: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the reproduced repository: the notebook's last section reads its outputs and its MLflow run."""
+    return clone(reproduced, tmp_path_factory.mktemp("notebook") / "repo")
 
 
 @pytest.fixture(scope="module")
-def executed(repo: Path) -> object:
-    return execute(repo)
+def executed(site: Path) -> object:
+    return execute(site)
 
 
 def test_the_notebook_runs_and_its_committed_outputs_are_what_it_prints(executed: object) -> None:
@@ -95,7 +92,7 @@ def test_the_notebook_runs_and_its_committed_outputs_are_what_it_prints(executed
     assert sum(kind == "image/png" for cell in fresh for kind, _ in cell) == 4
 
 
-def test_under_an_emulated_cpu_it_prints_the_same(repo: Path, tmp_path: Path) -> None:
+def test_under_an_emulated_cpu_it_prints_the_same(site: Path, tmp_path: Path) -> None:
     """Its kernel run as an Intel Haswell (AVX2, no AVX-512; qemu-x86_64 -cpu, as tests/test_cpus.py does):
     every printed digit the same as committed. The emulator's own warnings (one set per process it starts) go
     to stderr and are left out."""
@@ -108,7 +105,7 @@ def test_under_an_emulated_cpu_it_prints_the_same(repo: Path, tmp_path: Path) ->
     spec.mkdir(parents=True)
     argv = ["qemu-x86_64", "-cpu", "Haswell", sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "Haswell", "language": "python"}))
-    emulated = execute(repo, "haswell", JUPYTER_PATH=str(tmp_path))
+    emulated = execute(site, "haswell", JUPYTER_PATH=str(tmp_path))
 
     committed = nbformat.read(REPO / NOTEBOOK, as_version=4)
     assert without_emulator(text_outputs(emulated)) == text_outputs(committed)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import numerics
-from tests.conftest import REPO, pipeline_env
+from tests.helpers import REPO, pipeline_env
 
 x86_64 = pytest.mark.skipif(not numerics.portable_here(), reason="the settings are for x86-64 CPUs")
 MKL_CBWR_BRANCH, MKL_CBWR_COMPATIBLE = 1, 3  # mkl_cbwr.h: what mkl_cbwr_get asks for, and the branch's value
@@ -60,7 +60,7 @@ def test_this_test_process_was_pinned_before_numpy_or_torch_loaded() -> None:
     assert mkl.mkl_serv_cbwr_get(MKL_CBWR_BRANCH) == MKL_CBWR_COMPATIBLE
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 @x86_64
 def test_the_libraries_run_the_pinned_kernels_and_the_run_records_a_users_override() -> None:
     pinned = probe(MKL_CBWR="AUTO")  # a user's own setting, not kept
@@ -88,7 +88,7 @@ def test_an_unknown_mode_is_one_line_and_exit_2(
     assert capsys.readouterr().err == "error: generate: PIPELINE_NUMERICS = 'fast': must be one of portable, native\n"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 @x86_64
 def test_the_compiled_step_is_built_for_avx2_whatever_the_cpu(tmp_path: Path) -> None:
     """Inductor's vector width and -march come from the pinned settings, not from this CPU, and the library it

@@ -4,8 +4,8 @@
 GNU make splits words on spaces, and runs a command line without shell syntax itself, splitting it there too:
 an unquoted absolute path in a recipe fails with "make: /tmp/.../my: No such file or directory".
 
-The copy's `make repro` and one `make ui` also run under strace (tests/outbound.py): nothing they start reaches
-beyond the machine, MLflow's usage telemetry included.
+The reproduced repository's `make repro` (conftest.py) and one `make ui` run under strace (tests/outbound.py):
+nothing they start reaches beyond the machine, MLflow's usage telemetry included.
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ from pathlib import Path
 import pytest
 
 from tests import outbound
-from tests.conftest import copy_repo, free_port, pipeline_env, sh, telemetry_env, wait_for_port
+from tests.helpers import FOLDER, PAGE, clone, copy_repo, free_port, pipeline_env, sh, telemetry_env, wait_for_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
-FOLDER = "my project ü"
-PAGE = "web/dvc-plots.html"
 # The targets that need the set-up (make install): the venv and the offline plot page, or the venv alone.
 NEED_VENV_AND_PAGE = ("install", "repro", "test", "test-fast", "sweep", "screenshots", "bench", "team-server")
 NEED_VENV = ("lint", "ui")
@@ -63,28 +61,6 @@ def fresh(tmp_path: Path) -> Path:
     """A copy as a fresh clone is: no .venv, no plot page."""
     repo = copy_repo(tmp_path / FOLDER)
     (repo / PAGE).unlink()
-    return repo
-
-
-@pytest.fixture(scope="module")
-def repro_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where repro_repo's `make repro` leaves its strace log (tests/outbound.py), outside the copy's folder."""
-    return tmp_path_factory.mktemp("trace") / "repro.strace"
-
-
-@pytest.fixture(scope="module")
-def repro_repo(tmp_path_factory: pytest.TempPathFactory, repro_trace: Path) -> Path:
-    """A copy after `make repro`, its .venv a link to this project's venv (no 75 s install).
-
-    Every stage runs in it, so it is also the test that the pipeline reaches nothing beyond this machine: under
-    strace where it can trace, and where nothing but the project's own default turns MLflow's telemetry off."""
-    repo = copy_repo(tmp_path_factory.mktemp("paths") / FOLDER)
-    (repo / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
-    # -o: make must take the linked venv and the copied page as built; remaking .venv/.installed would pip install
-    # this copy into the project's own venv.
-    command = ("make", "--no-print-directory", "-o", ".venv/.installed", "-o", PAGE, "repro")
-    out = sh(repo, *outbound.traced(repro_trace, *command), env=telemetry_env()).stdout
-    assert "pip install" not in out and "build_template" not in out, out
     return repo
 
 
@@ -124,33 +100,37 @@ def test_the_first_run_set_up_runs_in_a_folder_with_a_space(fresh: Path, tmp_pat
     assert (fresh / ".venv/.installed").is_file()
 
 
-def test_make_repro_writes_the_outputs_and_the_mlflow_store_inside_the_folder(repro_repo: Path) -> None:
+def test_make_repro_writes_the_outputs_and_the_mlflow_store_inside_the_folder(
+    reproduced: Path, reproduced_output: str
+) -> None:
+    # The linked venv and the copied page were taken as built: make repro installed and built nothing.
+    assert "pip install" not in reproduced_output and "build_template" not in reproduced_output, reproduced_output
     for out in ("data/model/model.safetensors", "data/metrics/metrics.json", "data/plots/fit.png"):
-        assert (repro_repo / out).is_file(), out
+        assert (reproduced / out).is_file(), out
     # Nothing beside the folder: no percent-encoded twin ("my%20project%20%C3%BC") of it or of the store.
-    assert [p.name for p in repro_repo.parent.iterdir()] == [FOLDER]
-    db = repro_repo / "mlruns" / "mlflow.db"
-    assert sh(repro_repo, sys.executable, "-m", "pipeline.tracking").stdout.strip() == f"sqlite:///{db}"
-    assert sorted(repro_repo.rglob("mlflow.db")) == [db]
+    assert [p.name for p in reproduced.parent.iterdir()] == [FOLDER]
+    db = reproduced / "mlruns" / "mlflow.db"
+    assert sh(reproduced, sys.executable, "-m", "pipeline.tracking").stdout.strip() == f"sqlite:///{db}"
+    assert sorted(reproduced.rglob("mlflow.db")) == [db]
     [(location,)] = query(db, "SELECT artifact_location FROM experiments WHERE name = 'linear-regression'")
     [(run_uri,)] = query(db, "SELECT artifact_uri FROM runs WHERE status = 'FINISHED'")
     [(model_uri,)] = query(db, "SELECT artifact_location FROM logged_models")
-    assert file_path(location) == repro_repo / "mlruns" / "artifacts"
+    assert file_path(location) == reproduced / "mlruns" / "artifacts"
     run_files = file_path(run_uri)
-    assert run_files.is_relative_to(repro_repo / "mlruns" / "artifacts")
+    assert run_files.is_relative_to(reproduced / "mlruns" / "artifacts")
     for name in ("metrics.json", "trajectory.csv", "train.json", "plots/fit.png"):
         assert (run_files / name).is_file(), name
     assert (file_path(model_uri) / "MLmodel").is_file()
 
 
-def test_the_summary_points_at_the_run_and_the_model_the_store_holds(repro_repo: Path, tmp_path: Path) -> None:
-    db = repro_repo / "mlruns" / "mlflow.db"
+def test_the_summary_points_at_the_run_and_the_model_the_store_holds(reproduced: Path, tmp_path: Path) -> None:
+    db = reproduced / "mlruns" / "mlflow.db"
     [(experiment, run, model)] = query(
         db,
         "SELECT runs.experiment_id, runs.run_uuid, logged_models.model_id FROM runs"
         " JOIN logged_models ON logged_models.source_run_id = runs.run_uuid WHERE runs.status = 'FINISHED'",
     )
-    lines = sh(repro_repo, sys.executable, "-m", "pipeline.summary").stdout.splitlines()
+    lines = sh(reproduced, sys.executable, "-m", "pipeline.summary").stdout.splitlines()
     assert f"MLflow run {run} (experiment 'linear-regression') in sqlite:///{db}" in lines
     ui = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}?workflowType=machine_learning"
     assert f"browse it: make ui, then {ui}" in lines
@@ -160,62 +140,22 @@ def test_the_summary_points_at_the_run_and_the_model_the_store_holds(repro_repo:
     env = pipeline_env(MLFLOW_TRACKING_URI=absent)
     assert (
         f"MLflow: no run for this model in {absent}"
-        in sh(repro_repo, sys.executable, "-m", "pipeline.summary", env=env).stdout
+        in sh(reproduced, sys.executable, "-m", "pipeline.summary", env=env).stdout
     )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_predict_and_the_logged_model_work_in_the_folder(repro_repo: Path) -> None:
-    learned = json.loads((repro_repo / "data/metrics/metrics.json").read_text())
-    expected = learned["weight"]["learned"] * 1.5 + learned["bias"]["learned"]
-    lines = sh(repro_repo, sys.executable, "-m", "pipeline.predict", "1.5").stdout.split()
-    assert lines[0] == "x,prediction"
-    assert float(lines[1].split(",")[1]) == pytest.approx(expected, rel=1e-5)
-    # The summary's advice: the model by its models:/ URI, from the store URI with the space in it.
-    [(model_id,)] = query(repro_repo / "mlruns" / "mlflow.db", "SELECT model_id FROM logged_models")
-    uri = sh(repro_repo, sys.executable, "-m", "pipeline.tracking").stdout.strip()
-    code = (
-        "import mlflow, pandas; "
-        f"print(mlflow.pyfunc.load_model('models:/{model_id}').predict(pandas.DataFrame({{'x': [1.5]}}))[0])"
-    )
-    out = sh(repro_repo, sys.executable, "-c", code, env=pipeline_env(MLFLOW_TRACKING_URI=uri)).stdout
-    assert float(out.split()[-1]) == pytest.approx(expected, rel=1e-5)
-
-
-def test_dvc_plots_show_finds_the_offline_page_in_the_folder(repro_repo: Path) -> None:
-    # .dvc/config names the page by a relative path (plots.html_template); without it the page would load the
-    # plotting libraries from a CDN.
-    sh(repro_repo, "dvc", "plots", "show")
-    page = (repro_repo / "dvc_plots/index.html").read_text(encoding="utf-8")
-    assert "vega-embed" in page and 'src="http' not in page
-
-
-def test_make_sweep_in_a_non_ascii_folder_says_why_it_cannot_in_one_line(repro_repo: Path) -> None:
+def test_make_sweep_in_a_non_ascii_folder_says_why_it_cannot_in_one_line(reproduced: Path) -> None:
     # DVC's queue itself fails there (an ASCII-only config file it writes); make says so before queueing anything.
-    out = sh(repro_repo, "make", "--no-print-directory", "-o", ".venv/.installed", "-o", PAGE, "sweep", check=False)
+    out = sh(reproduced, "make", "--no-print-directory", "-o", ".venv/.installed", "-o", PAGE, "sweep", check=False)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-2].startswith("error: DVC's experiment queue fails in a folder whose")
     assert "dvc exp run" not in out.stdout, "nothing may be queued"
 
 
-def test_one_experiment_at_a_time_works_in_the_folder_compiled_step_included(repro_repo: Path, tmp_path: Path) -> None:
-    # What make sweep's error offers instead of the queue. The compiled step, built afresh (an inductor cache of its
-    # own), links against torch/lib in the venv, whose path here holds the folder's space (pytorch/pytorch#191010).
-    env = pipeline_env(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
-    env["PATH"] = f"{repro_repo / '.venv' / 'bin'}{os.pathsep}{env['PATH']}"  # as make puts it: the stages' python
-    out = sh(repro_repo, "dvc", "exp", "run", "-S", "train.lr=0.05", "-S", "train.compile=on", env=env).stdout
-    assert "Running stage 'train'" in out
-    assert "0.05" in sh(repro_repo, "dvc", "exp", "show", "--csv").stdout
-    [(compiled,)] = query(
-        repro_repo / "mlruns" / "mlflow.db",
-        "SELECT compiled.value FROM params compiled JOIN params lr ON lr.run_uuid = compiled.run_uuid"
-        " WHERE compiled.key = 'compiled' AND lr.key = 'train.lr' AND lr.value = '0.05'",
-    )
-    assert compiled == "True"
-    assert list((tmp_path / "inductor").rglob("*.so")), "nothing was compiled"
-
-
-def test_make_repro_reaches_nothing_beyond_the_machine(repro_repo: Path, repro_trace: Path, tmp_path: Path) -> None:
+def test_make_repro_reaches_nothing_beyond_the_machine(
+    reproduced: Path, reproduced_trace: Path, tmp_path: Path
+) -> None:
     outbound.require()
     # The control: in the same environment and under the same trace, MLflow with its telemetry on is caught. It
     # fetches the UI's telemetry settings, as `make ui` would for its page, in a network namespace of its own
@@ -227,21 +167,22 @@ def test_make_repro_reaches_nothing_beyond_the_machine(repro_repo: Path, repro_t
     assert outbound.outgoing(control), f"the trace does not show MLflow's telemetry:\n{control.read_text()}"
 
     # make repro, traced in the fixture: every stage and the tracking worker, with only the package's default.
-    assert outbound.processes(repro_trace) >= 10, repro_trace.read_text()  # make, dvc, the stages, their workers
-    assert outbound.outgoing(repro_trace) == []
-    tagged = query(repro_repo / "mlruns" / "mlflow.db", "SELECT value FROM tags WHERE key = 'mlflow_telemetry'")
+    assert outbound.processes(reproduced_trace) >= 10  # make, dvc, the stages, their workers
+    assert outbound.outgoing(reproduced_trace) == []
+    tagged = query(reproduced / "mlruns" / "mlflow.db", "SELECT value FROM tags WHERE key = 'mlflow_telemetry'")
     assert tagged and set(tagged) == {("off",)}  # and each run says so
 
 
 def test_make_ui_listens_on_loopback_only_refuses_a_foreign_host_and_reaches_nothing_beyond(
-    repro_repo: Path, tmp_path: Path
+    reproduced: Path, tmp_path: Path
 ) -> None:
     outbound.require()
+    repo = clone(reproduced, tmp_path / FOLDER)
     # One start of the UI, traced (tests/outbound.py; the detector's control is the test above).
     log, port = tmp_path / "ui.strace", free_port()
     ui = subprocess.Popen(
         outbound.traced(log, "make", "-s", "-o", ".venv/.installed", "-o", PAGE, "ui", f"UI_PORT={port}"),
-        cwd=repro_repo,
+        cwd=repo,
         env=telemetry_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -22,7 +22,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import cli, data, evaluate, generate, summary, tracking, train
 from pipeline.io import md5_file
-from tests.conftest import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.stage  # each stage runs here, its tracking worker in a process of its own
 
 
 def params_with(tmp_path: Path, old: str, new: str) -> Path:
@@ -54,8 +56,16 @@ def test_generate_writes_both_tables(tmp_path: Path) -> None:
     ],
 )
 def test_bad_params_fail_every_stage_in_one_line_writing_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, fragment: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    old: str,
+    new: str,
+    fragment: str,
 ) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # a project of its own: the MLflow store would be made here
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     params = str(params_with(tmp_path, old, new))
     out = tmp_path / "out"
     runs = [
@@ -80,7 +90,7 @@ def test_bad_params_fail_every_stage_in_one_line_writing_nothing(
         assert main(["--params", params, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and fragment in err and str(params) in err, err
-    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml", "params.yaml"]  # no output, no mlruns/
 
 
 def test_train_refuses_a_missing_data_file_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,7 +226,6 @@ def test_tracking_off_runs_the_pipeline_without_any_store(workdir: Path, monkeyp
     assert (workdir / "metrics/eval.json").exists() and not (workdir / "mlruns").exists()
 
 
-@pytest.mark.slow
 def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> None:
     """The train stage draws a tqdm bar only when stderr is a terminal (a pseudo-terminal here)."""
     assert run_pipeline(params_with(workdir, "epochs: 100 ", "epochs: 100 ")) == [0, 0, 0]
@@ -245,7 +254,6 @@ def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> Non
     assert "training:" not in outputs["file"] and "it/s" not in outputs["file"] and "epoch/s" not in outputs["file"]
 
 
-@pytest.mark.slow
 def test_a_compiled_step_without_a_compiler_fails_in_one_line_and_its_run_is_failed(workdir: Path) -> None:
     """No page of compiler output: inductor's error becomes the stage's one line, exit status 2."""
     params = params_with(workdir, "compile: auto", "compile: on")

@@ -5,7 +5,6 @@ in one MLflow store, grouped for the UI. The team's tracking server is in tests/
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from ruamel.yaml import YAML
 
 from pipeline import config, tracking
 from tests import browser
-from tests.conftest import copy_repo, mlflow_server, sh
+from tests.helpers import clone, mlflow_server, sh
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 def outputs(repo: Path) -> list[Path]:
@@ -28,10 +27,11 @@ def outputs(repo: Path) -> list[Path]:
     return files
 
 
-def test_push_from_one_clone_and_pull_into_another_restores_every_output_without_running(tmp_path: Path) -> None:
-    first = copy_repo(tmp_path / "first")
+def test_push_from_one_clone_and_pull_into_another_restores_every_output_without_running(
+    reproduced: Path, tmp_path: Path
+) -> None:
+    first = clone(reproduced, tmp_path / "first")
     assert sh(first, "dvc", "remote", "default").stdout.strip() == "local", "the project ships a default remote"
-    sh(first, "dvc", "repro")
     sh(first, "git", "commit", "-q", "-am", "repro", check=False)  # dvc.lock, if this checkout's was older
     remote = tmp_path / "remote"
     # Where the remote lives is a per-clone setting (.dvc/config.local, ignored by git), as it would be for
@@ -55,13 +55,11 @@ def test_push_from_one_clone_and_pull_into_another_restores_every_output_without
     assert not (second / "mlruns").exists(), "nothing ran, so nothing was tracked"
 
 
-def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(tmp_path: Path) -> None:
-    repo = copy_repo(tmp_path / "repo")
-    sh(repo, "dvc", "repro")
+def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(repo: Path, tmp_path: Path) -> None:
+    # Queued experiments run two at a time in temporary copies under .dvc/tmp/exps/; their runs land here.
     sh(repo, "git", "commit", "-q", "-am", "repro", check=False)
-    # This venv, by a link: its path may hold a space (a clone in "new user ü"), which make cannot take in VENV=.
-    (repo / ".venv").symlink_to(Path(sys.executable).parents[1], target_is_directory=True)
-    # -o: take the venv and the copied page as built; remaking them would pip install this copy into that venv.
+    # The copy's .venv links to this venv: its path may hold a space (a clone in "new user ü"), which make cannot
+    # take in VENV=. -o: take the venv and the page as built; remaking them would pip install this copy into it.
     grid = ("SWEEP=lr-grid", "GRID=train.lr=0.01,0.05,0.1", "JOBS=2")
     sh(repo, "make", "-o", ".venv/.installed", "-o", "web/dvc-plots.html", "sweep", *grid)
     cfg = config.load(repo / "params.yaml")
@@ -75,6 +73,10 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(tmp_path: Path) -
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
     assert all(r.data.tags["dvc_exp_name"] in shown for r in runs), shown
     assert sorted(r.info.run_name for r in runs) == sorted(r.data.tags["dvc_exp_name"] for r in runs)
+    for r in runs:  # each says how to get it back; its files sit beside the store, not in DVC's temporary copy
+        assert f"The same bytes again: `dvc exp apply {r.info.run_name}`." in r.data.tags["mlflow.note.content"]
+        assert r.info.artifact_uri.startswith((repo / "mlruns" / "artifacts").as_uri())
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "a stray store inside DVC's temporary copy"
     # In the UI: the three runs side by side, a weight and a loss curve each, named after their experiments.
     with mlflow_server(tmp_path / "ui", backend=tracking.default_uri(repo)) as url:
         page = browser.metric_page(url, experiment.experiment_id, [r.info.run_id for r in runs], ["weight", "loss"])

@@ -23,9 +23,9 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import config, tracking
 from tests import load
-from tests.conftest import copy_repo, free_port, logged_params, pipeline_env, rest, sh, team_stack, yaml_params
+from tests.helpers import copy_repo, free_port, logged_params, pipeline_env, rest, sh, team_stack, yaml_params
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.system
 
 
 def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

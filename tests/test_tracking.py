@@ -2,7 +2,7 @@
 worker, against throw-away SQLite stores read back with MLflow's own client.
 
 Each run starts a worker process that imports MLflow (about 2 s with a new store), so most tests here are
-marked slow.
+in the stage tier.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from mlflow.utils import mlflow_tags
 
 from pipeline import generate, record, tracking, tracking_worker, train
 from pipeline.errors import TrackingError
-from tests.conftest import REPO, free_port, mlflow_server, telemetry_env
+from tests.helpers import REPO, free_port, mlflow_server, telemetry_env
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_importing_the_package_turns_mlflow_telemetry_off_unless_the_user_turned
         assert out.stdout.split() == expected.split(), given
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path) -> None:
     tracker = tracking.connect("t", root)
     steps = list(range(1250))
@@ -151,7 +151,7 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
     assert len(MlflowClient(session.uri).get_metric_history(session.run_id, "b")) == 1250
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_the_experiment_is_marked_for_model_training_when_made_and_when_found_without_it(root: Path) -> None:
     kind = ("mlflow.experimentKind", "custom_model_development")  # the value MLflow's UI bundle tests for
     tracker = tracking.connect("t", root)
@@ -166,7 +166,7 @@ def test_the_experiment_is_marked_for_model_training_when_made_and_when_found_wi
     assert kind in client.get_experiment(older).tags.items()
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(RuntimeError), tracker.run() as run:
@@ -176,7 +176,7 @@ def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> No
     assert find_run(tracker, "abc") is None  # evaluate must not attach to a failed run
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(KeyboardInterrupt), tracker.run() as run:
@@ -190,7 +190,7 @@ def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
     assert finished.info.status == "KILLED" and finished.data.params == {"a": "1"}  # the worker carried on
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -214,7 +214,7 @@ def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
     assert [r.message for r in caplog.records] == [f"MLflow run {ids[-1]} in {tracker.uri}"]
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_attach_to_an_unknown_model_starts_a_tagged_run_with_a_warning(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -232,7 +232,7 @@ def test_attach_to_an_unknown_model_starts_a_tagged_run_with_a_warning(
     ]
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_calls_return_while_the_worker_cannot_even_open_the_store(root: Path) -> None:
     lock_file = root / "mlruns" / "mlflow.db.lock"
     lock_file.parent.mkdir()
@@ -260,7 +260,7 @@ def test_calls_return_while_the_worker_cannot_even_open_the_store(root: Path) ->
     assert [a.path for a in client.list_artifacts(run.run_id)] == ["a.txt"]
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> None:
     replaced, deleted = root / "replaced.txt", root / "gone" / "deleted.txt"
     deleted.parent.mkdir()
@@ -278,7 +278,7 @@ def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> 
     assert artifact_file(tracker, run.run_id, "sub/deleted.txt").read_text() == "as logged too"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError, match=r"cannot log .*none\.txt: No such file"), tracker.run() as run:
@@ -286,7 +286,7 @@ def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(root: Path) -> 
     assert run.run_id is not None and client_for(tracker).get_run(run.run_id).info.status == "FAILED"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path) -> None:
     table = pd.DataFrame({"x1": np.arange(7.0), "x2": np.ones(7), "y": np.linspace(0, 1, 7)}).astype(np.float32)
     with warnings.catch_warnings():
@@ -309,7 +309,7 @@ def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path
     assert [(t.key, t.value) for t in logged.tags] == [(mlflow_tags.MLFLOW_DATASET_CONTEXT, "training")]
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError) as raised, tracker.run() as run:
@@ -321,7 +321,7 @@ def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(r
     assert run.run_id is not None and client_for(tracker).get_run(run.run_id).info.status == "FAILED"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_a_worker_that_dies_is_a_one_line_error_naming_the_store(root: Path) -> None:
     tracker = tracking.connect("t", root)
     with pytest.raises(TrackingError) as raised, tracker.run():
@@ -364,7 +364,7 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
     assert not (root / "mlruns").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_a_server_restarted_while_the_stage_logs_loses_nothing_and_one_that_stays_down_fails_in_one_line(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,7 +404,7 @@ def test_a_server_restarted_while_the_stage_logs_loses_nothing_and_one_that_stay
     assert store.get_run(found[0].info.run_id).info.status != "FINISHED"
 
 
-@pytest.mark.slow
+@pytest.mark.stage
 def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
     root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
