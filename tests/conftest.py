@@ -147,7 +147,7 @@ def mlflow_server(folder: Path, backend: str | None = None, port: int | None = N
 def team_stack() -> Iterator[tuple[str, Any]]:
     """PostgreSQL and an `mlflow server` on it, started as `make team-server` starts them, on free ports;
     yields (the server's URI, the team_server.Postgres). Fails in CI, and skips elsewhere, without PostgreSQL."""
-    from pipeline import team_server
+    import team_server
 
     try:
         team_server.postgres_bin("initdb")

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pyfunc
 
-    from pipeline import team_server
+    import team_server
 
     repo = copy_repo(tmp_path / "repo")
     cfg = config.load(repo / "params.yaml")
@@ -160,7 +160,7 @@ def test_eight_writers_and_two_train_stages_at_once_lose_no_point(
 
 
 def test_a_failed_first_start_leaves_nothing_that_breaks_the_next() -> None:
-    from pipeline import team_server
+    import team_server
 
     if os.geteuid() != 0:
         pytest.skip("the failure needs a folder the postgres account cannot read, which needs root")
@@ -183,7 +183,7 @@ def test_a_failed_first_start_leaves_nothing_that_breaks_the_next() -> None:
 
 
 def test_a_cluster_without_its_password_file_is_one_clear_error(tmp_path: Path) -> None:
-    from pipeline import team_server
+    import team_server
 
     data = tmp_path / "postgres"
     data.mkdir()

@@ -1,6 +1,6 @@
 """A tracking server for a team: `mlflow server` on a PostgreSQL store, with the run files served by it.
 
-    python -m pipeline.team_server --dir .team          # or: make team-server
+    python -m team_server --dir .team                   # or: make team-server
     MLFLOW_TRACKING_URI=http://127.0.0.1:5001 make repro   # from any clone that should log there
 
 It starts PostgreSQL (Debian's `postgresql` package) on 127.0.0.1 with its data in DIR/postgres, creates the
@@ -8,6 +8,8 @@ It starts PostgreSQL (Debian's `postgresql` package) on 127.0.0.1 with its data 
 and DIR/artifacts as its artifact store: clients upload and download files through the server
 (mlflow-artifacts:/), so they need no access to the folder. Ctrl-C stops both. Everything listens on
 127.0.0.1; to serve a network, put it behind a proxy with authentication.
+
+Operations, not the pipeline: it uses the pipeline's one-line errors and CLI, and the pipeline never imports it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# Importing the pipeline package also turns MLflow's telemetry off for the `mlflow server` started here
+# (pipeline/__init__.py).
 from pipeline import cli
 from pipeline.errors import PipelineError
 
@@ -228,13 +232,11 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m team_server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dir", default=".team", help="where the database and the run files live (default: .team)")
     p.add_argument("--port", type=int, default=5001, help="the MLflow server's port (default: 5001)")
     p.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL's port (default: 5433)")
     p.add_argument("--workers", type=int, default=4, help="the MLflow server's worker processes (default: 4)")
     return cli.run("team_server", serve, p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
