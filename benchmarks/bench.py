@@ -37,7 +37,8 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from tests import load, stages_once  # noqa: E402  (needs the path)
-from tests.conftest import copy_repo, mlflow_server, pipeline_env, team_stack  # noqa: E402
+from tests.conftest import copy_repo, mlflow_server, pipeline_env  # noqa: E402
+from tests.team import team_stack  # noqa: E402
 
 
 def run(cwd: Path, *cmd: str, **extra: str) -> float:
