@@ -77,7 +77,7 @@ strace: ## Install Debian's strace for the test that nothing connects out, if it
 
 TEAM_DIR ?= .team
 team-server: $(SETUP) postgres ## Start PostgreSQL and an MLflow server on it at http://127.0.0.1:5001 (data in TEAM_DIR)
-	python -m pipeline.team_server --dir "$(TEAM_DIR)"
+	python -m team_server --dir "$(TEAM_DIR)"
 
 repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the result
 	dvc repro
@@ -89,8 +89,8 @@ notebook: repro $(DEV) ## Run notebooks/walkthrough.ipynb again in place, on the
 		notebooks/walkthrough.ipynb
 
 test: $(DEV) browser postgres qemu strace ## Lint, type-check and run the whole test suite, end-to-end and browser tests included
-	ruff check pipeline tests web benchmarks
-	ruff format --check pipeline tests web benchmarks
+	ruff check pipeline team_server tests web benchmarks
+	ruff format --check pipeline team_server tests web benchmarks
 	mypy
 	python -m pytest
 
@@ -123,8 +123,8 @@ bench: $(DEV) ## Measure the performance targets (P1-P5) and print them as ratio
 	python benchmarks/bench.py
 
 lint: $(VENV)/.installed-dev ## Fix what ruff can fix and reformat the code
-	ruff check --fix pipeline tests web benchmarks
-	ruff format pipeline tests web benchmarks
+	ruff check --fix pipeline team_server tests web benchmarks
+	ruff format pipeline team_server tests web benchmarks
 
 # Loopback only, with MLflow's host-header and CORS checks left on: never --host 0.0.0.0, --allowed-hosts '*'
 # or --disable-security-middleware here (tests/test_paths.py checks a foreign Host gets 403).

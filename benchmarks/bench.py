@@ -37,7 +37,8 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
 
 from tests import load, stages_once  # noqa: E402  (needs the path)
-from tests.helpers import copy_repo, mlflow_server, pipeline_env, team_stack  # noqa: E402
+from tests.helpers import copy_repo, mlflow_server, pipeline_env  # noqa: E402
+from tests.team import team_stack  # noqa: E402
 
 
 def run(cwd: Path, *cmd: str, **extra: str) -> float:
@@ -110,7 +111,7 @@ def round_trips(uri: str, n: int = 20) -> tuple[float, float]:
 def p2(repo: Path, n: int, tmp: Path) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]]]:
     """Medians of n rounds, each timing off, SQLite and server back to back: a change in the shared machine's
     load then moves all three, not one of them. Also the server's round trips (round_trips)."""
-    from pipeline import team_server
+    import team_server
 
     set_param(repo, "train.epochs", "1000")
     out = tmp / "p2"
@@ -170,7 +171,7 @@ def mlflow_floor(repo: Path, tmp: Path, n: int) -> tuple[float, int]:
 def team_load(writers: int, batches: int) -> tuple[load.Load, load.Load] | None:
     """One writer alone, then `writers` at once, against a fresh team server; None without PostgreSQL. Every
     point is checked in the store before a figure counts."""
-    from pipeline import team_server
+    import team_server
 
     try:
         team_server.postgres_bin("initdb")

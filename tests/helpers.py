@@ -19,8 +19,6 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from pipeline import config, record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,42 +131,6 @@ def mlflow_server(folder: Path, backend: str | None = None, port: int | None = N
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
-
-
-@contextmanager
-def team_stack() -> Iterator[tuple[str, Any]]:
-    """PostgreSQL and an `mlflow server` on it, started as `make team-server` starts them, on free ports;
-    yields (the server's URI, the team_server.Postgres). Fails in CI, and skips elsewhere, without PostgreSQL."""
-    from pipeline import team_server
-
-    try:
-        team_server.postgres_bin("initdb")
-    except team_server.ServerError as e:
-        if os.environ.get("CI"):
-            pytest.fail(str(e))
-        pytest.skip(str(e))
-    # Not under pytest's tmp_path: its folders are private to this user, and PostgreSQL runs as `postgres`.
-    folder = Path(tempfile.mkdtemp(prefix="team ü-"))  # a space and a non-ASCII letter, as users' folders have
-    folder.chmod(0o755)
-    port = free_port()
-    try:
-        with team_server.postgres(folder / "postgres", free_port()) as db:
-            server = subprocess.Popen(
-                team_server.mlflow_server_command(db.uri, folder / "artifacts", port),
-                env=pipeline_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            try:
-                if not team_server.wait_for_http(f"http://127.0.0.1:{port}/health", 120):
-                    raise RuntimeError("the mlflow server on PostgreSQL did not start")
-                yield f"http://127.0.0.1:{port}", db
-            finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def copy_repo(dest: Path) -> Path:

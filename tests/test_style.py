@@ -58,3 +58,19 @@ def test_a_stage_has_no_type_checking_imports_and_one_deferred_import(stage: str
     # Imports inside functions: at most one function holds them (the stage's body, after the worker starts).
     holders = {f.name for f in functions(tree) for n in ast.walk(f) if isinstance(n, ast.Import | ast.ImportFrom)}
     assert len(holders) <= 1, holders
+
+
+TEAM_SERVER = PIPELINE.parent / "team_server"
+
+
+@pytest.mark.parametrize("path", sorted(TEAM_SERVER.glob("*.py")), ids=lambda p: p.name)
+def test_the_team_server_keeps_the_same_shape(path: Path) -> None:
+    names = imported(ast.parse(path.read_text()))
+    assert long_functions(path.read_text()) == []
+    assert not {n for n in names if n == "unittest" or n.startswith(("unittest.", "pytest", "tests"))}
+
+
+@pytest.mark.parametrize("path", sorted(PIPELINE.glob("*.py")), ids=lambda p: p.name)
+def test_the_pipeline_never_imports_the_team_server(path: Path) -> None:
+    """Operations depend on the pipeline, not the other way: the pipeline runs without them."""
+    assert not {n for n in imported(ast.parse(path.read_text())) if n.split(".")[0] == "team_server"}

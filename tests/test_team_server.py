@@ -21,17 +21,17 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+import team_server
 from pipeline import config, tracking
 from tests import load
-from tests.helpers import copy_repo, free_port, logged_params, pipeline_env, rest, sh, team_stack, yaml_params
+from tests.helpers import copy_repo, free_port, logged_params, pipeline_env, rest, sh, yaml_params
+from tests.team import require_postgres, restart, team_stack
 
 pytestmark = pytest.mark.system
 
 
 def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.pyfunc
-
-    from pipeline import team_server
 
     repo = copy_repo(tmp_path / "repo")
     cfg = config.load(repo / "params.yaml")
@@ -83,7 +83,7 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
         tracker = tracking.connect("restart", repo)
         with tracker.run() as restarted:
             tracker.log_series({"a": (steps[:1000], steps[:1000] * 0.5)})
-            team_server.restart(db)
+            restart(db)
             tracker.log_series({"a": (steps[1000:], steps[1000:] * 0.5)})
         assert client.get_run(restarted.run_id or "").info.status == "FINISHED"
         assert sorted(p.step for p in client.get_metric_history(restarted.run_id or "", "a")) == steps.tolist()
@@ -160,14 +160,9 @@ def test_eight_writers_and_two_train_stages_at_once_lose_no_point(
 
 
 def test_a_failed_first_start_leaves_nothing_that_breaks_the_next() -> None:
-    from pipeline import team_server
-
     if os.geteuid() != 0:
         pytest.skip("the failure needs a folder the postgres account cannot read, which needs root")
-    try:
-        team_server.postgres_bin("initdb")
-    except team_server.ServerError as e:
-        pytest.fail(str(e)) if os.environ.get("CI") else pytest.skip(str(e))
+    require_postgres()
     folder = Path(tempfile.mkdtemp(prefix="team-"))  # pytest's tmp_path is private to root already
     try:
         folder.chmod(0o700)  # the postgres account cannot enter it: initdb fails
@@ -183,8 +178,6 @@ def test_a_failed_first_start_leaves_nothing_that_breaks_the_next() -> None:
 
 
 def test_a_cluster_without_its_password_file_is_one_clear_error(tmp_path: Path) -> None:
-    from pipeline import team_server
-
     data = tmp_path / "postgres"
     data.mkdir()
     (data / "PG_VERSION").write_text("15\n")

@@ -1,6 +1,6 @@
 """A tracking server for a team: `mlflow server` on a PostgreSQL store, with the run files served by it.
 
-    python -m pipeline.team_server --dir .team          # or: make team-server
+    python -m team_server --dir .team                   # or: make team-server
     MLFLOW_TRACKING_URI=http://127.0.0.1:5001 make repro   # from any clone that should log there
 
 It starts PostgreSQL (Debian's `postgresql` package) on 127.0.0.1 with its data in DIR/postgres, creates the
@@ -8,6 +8,8 @@ It starts PostgreSQL (Debian's `postgresql` package) on 127.0.0.1 with its data 
 and DIR/artifacts as its artifact store: clients upload and download files through the server
 (mlflow-artifacts:/), so they need no access to the folder. Ctrl-C stops both. Everything listens on
 127.0.0.1; to serve a network, put it behind a proxy with authentication.
+
+Operations, not the pipeline: it uses the pipeline's one-line errors and CLI, and the pipeline never imports it.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# Importing the pipeline package also turns MLflow's telemetry off for the `mlflow server` started here
+# (pipeline/__init__.py).
 from pipeline import cli
 from pipeline.errors import PipelineError
 
@@ -60,7 +64,7 @@ def postgres_bin(name: str) -> str:
     return found
 
 
-def _as_owner(command: list[str]) -> list[str]:
+def as_owner(command: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: as root, run it as the `postgres` account the package creates."""
     if os.geteuid() != 0:
         return command
@@ -80,7 +84,7 @@ def _chown_to_owner(path: Path) -> None:
 
 
 def init_cluster(data: Path) -> str:
-    """Create the cluster in `data` (once) and return the superuser's password, kept in data/../password."""
+    """Create the cluster in `data` (once) and return the superuser's password, kept in data/../postgres-password."""
     secret = data.parent / "postgres-password"
     if (data / "PG_VERSION").is_file():
         if not secret.is_file():
@@ -97,7 +101,7 @@ def init_cluster(data: Path) -> str:
     _chown_to_owner(pwfile)
     try:
         subprocess.run(
-            _as_owner(
+            as_owner(
                 [
                     postgres_bin("initdb"),
                     *("-D", str(data), "-U", SUPERUSER, "--pwfile", str(pwfile)),
@@ -135,7 +139,7 @@ def postgres(data: Path, port: int) -> Iterator[Postgres]:
     options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={shlex.quote(str(data))}"
     pg_ctl = postgres_bin("pg_ctl")
     started = subprocess.run(
-        _as_owner([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"]),
+        as_owner([pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"]),
         capture_output=True,
         text=True,
     )
@@ -146,14 +150,7 @@ def postgres(data: Path, port: int) -> Iterator[Postgres]:
         create_database(server)
         yield server
     finally:
-        subprocess.run(_as_owner([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
-
-
-def restart(server: Postgres) -> None:
-    """Stop PostgreSQL and start it again with the same settings, as an operator's restart would."""
-    log = str(server.data.parent / "postgres.log")  # as at the start: not our pipes, which it would hold open
-    restarted = [postgres_bin("pg_ctl"), "-D", str(server.data), "-l", log, "-m", "fast", "-w", "restart"]
-    subprocess.run(_as_owner(restarted), check=True, capture_output=True)
+        subprocess.run(as_owner([pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"]), capture_output=True)
 
 
 def create_database(server: Postgres) -> None:
@@ -169,7 +166,7 @@ def create_database(server: Postgres) -> None:
 
 # Served by gunicorn, not uvicorn: with more than one uvicorn worker, every request on a kept-alive connection
 # (MLflow's client keeps them) waits ~40 ms for a delayed ACK (Kludex/uvicorn#3149). gunicorn's threaded workers
-# keep connections alive without it, and MLflow's host-header and CORS checks stay on (tests/test_team.py).
+# keep connections alive without it, and MLflow's host-header and CORS checks stay on (tests/test_team_server.py).
 # gunicorn 26 stops only once every connection has closed, or after its graceful timeout (30 s): one idle client
 # (a UI open in a browser) would hold a Ctrl-C for all of it. A request cut off at 5 s is retried by MLflow's client.
 GUNICORN = "--worker-class gthread --threads 4 --keep-alive 5 --graceful-timeout 5"
@@ -187,17 +184,58 @@ def mlflow_server_command(store: str, artifacts: Path, port: int, workers: int =
     ]
 
 
-def wait_for_http(url: str, timeout: float) -> bool:
+def _answers(url: str, server: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether `url` answers 200 within `timeout` seconds, while the server is still running."""
     import urllib.request
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while server.poll() is None and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return bool(response.status == 200)
         except OSError:
             time.sleep(0.5)
     return False
+
+
+@dataclass(frozen=True)
+class Team:
+    """A running team server: its URI, the PostgreSQL under it, and the `mlflow server` process."""
+
+    uri: str
+    postgres: Postgres
+    server: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def stack(
+    folder: Path, port: int, pg_port: int, workers: int = 4, env: Mapping[str, str] | None = None, quiet: bool = False
+) -> Iterator[Team]:
+    """PostgreSQL and `mlflow server` on it, their data in `folder`; yields once the server answers, stops both
+    on exit. `make team-server` and the tests start it through here alike."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        folder.chmod(folder.stat().st_mode | 0o055)  # the postgres account must reach its data inside
+    with postgres(folder / "postgres", pg_port) as db:
+        cli.log.info("PostgreSQL on 127.0.0.1:%d, data in %s", db.port, db.data)
+        output = subprocess.DEVNULL if quiet else None
+        server = subprocess.Popen(
+            mlflow_server_command(db.uri, folder / "artifacts", port, workers),
+            env=env,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,  # its workers go with it, by group
+        )
+        try:
+            uri = f"http://127.0.0.1:{port}"
+            if not _answers(f"{uri}/health", server, 120):
+                why = "did not answer within 120 s" if server.poll() is None else "exited before it answered"
+                raise ServerError(f"the MLflow server on {uri} {why}")
+            yield Team(uri, db, server)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            server.wait()
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -207,34 +245,18 @@ def _stop(signum: int, frame: object) -> None:
 def serve(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, _stop)
     folder = Path(args.dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        folder.chmod(folder.stat().st_mode | 0o055)  # the postgres account must reach its data inside
-    with postgres(folder / "postgres", args.pg_port) as db:
-        cli.log.info("PostgreSQL on 127.0.0.1:%d, data in %s", db.port, db.data)
-        command = mlflow_server_command(db.uri, folder / "artifacts", args.port, args.workers)
-        server = subprocess.Popen(command, start_new_session=True)  # its workers go with it, by group
-        try:
-            url = f"http://127.0.0.1:{args.port}"
-            if wait_for_http(f"{url}/health", 120):
-                cli.log.info("MLflow tracking server on %s: export MLFLOW_TRACKING_URI=%s", url, url)
-            server.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGTERM)
-            server.wait()
+    # Ctrl-C: leaving the stack stops both, and the interrupt ends here.
+    with contextlib.suppress(KeyboardInterrupt), stack(folder, args.port, args.pg_port, args.workers) as team:
+        cli.log.info("MLflow tracking server on %s: export MLFLOW_TRACKING_URI=%s", team.uri, team.uri)
+        team.server.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m team_server", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--dir", default=".team", help="where the database and the run files live (default: .team)")
     p.add_argument("--port", type=int, default=5001, help="the MLflow server's port (default: 5001)")
     p.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL's port (default: 5433)")
     p.add_argument("--workers", type=int, default=4, help="the MLflow server's worker processes (default: 4)")
     return cli.run("team_server", serve, p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
