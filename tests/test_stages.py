@@ -228,7 +228,8 @@ def test_tracking_off_runs_the_pipeline_without_any_store(workdir: Path, monkeyp
 
 def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> None:
     """The train stage draws a tqdm bar only when stderr is a terminal (a pseudo-terminal here)."""
-    assert run_pipeline(params_with(workdir, "epochs: 100 ", "epochs: 100 ")) == [0, 0, 0]
+    params = str(params_with(workdir, "epochs: 100 ", "epochs: 100 "))  # params.yaml, where train looks for it
+    assert generate.main(["--params", params, "--train", "g/train.parquet", "--test", "g/test.parquet"]) == 0
     cmd = [sys.executable, "-m", "pipeline.train", "--data", "g/train.parquet"]
     cmd += ["--model", "m2.safetensors", "--trajectory", "t2.csv", "--metrics", "t2.json"]
     env = {**os.environ, "PIPELINE_TRACKING": "off"}
