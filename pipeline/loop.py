@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from pipeline import tuning
 from pipeline.config import METHODS  # noqa: F401  (re-exported: the methods this module implements)
-from pipeline.data import trajectory_columns
+from pipeline.data import trajectory_columns, weight_names
 
 
 def make_model(init_seed: int, n_features: int = 1, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -204,8 +204,7 @@ class Trajectory:
 
     def weights(self) -> np.ndarray:
         """(epochs, n_features): the weights after each epoch."""
-        k = self.n_features
-        return self.values[:, 2 + k : 2 + 2 * k]
+        return np.column_stack([self.column(name) for name in weight_names(self.n_features)])
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({name: self.column(name) for name in trajectory_columns(self.n_features)})
@@ -290,6 +289,7 @@ def fit(
             gw_sum += size * gw.reshape(-1)
             gb_sum += size * float(gb.reshape(-1)[0])
         w, b = learner.params()
+        # One row in the order of data.trajectory_columns, which names them.
         rows.append([loss_sum / n, *(gw_sum / n), gb_sum / n, *w.reshape(-1), float(b.reshape(-1)[0])])
         if not math.isfinite(loss_sum):
             diverged_at = epoch
@@ -297,7 +297,8 @@ def fit(
         if len(rows) - sent >= stream_epochs or time.monotonic() - last_sent >= stream_seconds:
             hand_over()
     hand_over()
-    values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, 2 * k + 3), dtype)
+    width = len(trajectory_columns(k)) - 1
+    values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, width), dtype)
     return Trajectory(w0.reshape(-1), float(b0.reshape(-1)[0]), values, np.asarray(batch_losses), diverged_at)
 
 

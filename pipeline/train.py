@@ -63,12 +63,12 @@ def train(args: argparse.Namespace) -> None:
                     learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compiled, dev)
 
                 def stream(first: int, values: np.ndarray) -> None:  # logged while the next epochs run
-                    tracker.log_series(record.epoch_series(first, values))
+                    tracker.log_series(record.epoch_series(first, values, table.n_features))
 
                 progress = sys.stderr.isatty() and rank == 0
                 traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress, stream)
                 frame = traj.frame()
-                show(frame, p.epochs)
+                show(frame, p.epochs, table.n_features)
                 if p.batch_size is not None:
                     tracker.log_series(record.batch_series(traj.batch_loss))
                 if traj.diverged_at is not None:
@@ -110,9 +110,9 @@ def check(cfg: config.Config, source: str, table: data.Table) -> tuple[theory.Mo
     return moments, stab
 
 
-def show(frame: Any, epochs: int) -> None:
+def show(frame: Any, epochs: int, n_features: int) -> None:
     """About ten lines of the trajectory, and the last one."""
-    names = [c for c in frame.columns if c == "bias" or c.startswith("weight")]
+    names = [*data.weight_names(n_features), "bias"]
     for i in sorted({*range(0, len(frame), max(1, epochs // 10)), len(frame) - 1}):
         row = frame.iloc[i]
         values = "  ".join(f"{n} {row[n]:.6f}" for n in names)
