@@ -331,7 +331,7 @@ def learn(
     compiled = compiled and place.size == 1  # compiled steps are tuned for the CPU and one process
     if on_start is not None:
         on_start(np.append(model.weight.detach().numpy(), model.bias.detach().numpy()), compiled)
-    learner = make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compiled, place.device)
+    learner = make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile=compiled, device=place.device)
     if place.size > 1:  # under torchrun: the nn learner (distributed.place refuses the others) through DDP
         learner = distributed.DDPLearner(cast(NNLearner, learner), place.device)
     traj = fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress, on_epochs)
