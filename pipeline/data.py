@@ -38,6 +38,8 @@ def weight_names(n_features: int) -> list[str]:
 
 
 def trajectory_columns(n_features: int) -> list[str]:
+    """The trajectory's columns, named here only: the epoch; its loss and gradients, at the parameters before its
+    update(s); the parameters after it. loop.fit fills each row in this order."""
     weights = weight_names(n_features)
     return ["epoch", "loss", *(f"grad_{w}" for w in weights), "grad_bias", *weights, "bias"]
 

@@ -140,6 +140,7 @@ def compute_metrics(
 
 def evaluate(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
+    g = cfg.generate
     # First, so that the worker's start-up (it imports MLflow) overlaps all that follows; a server that does not
     # answer fails here. Leaving the block stops a worker that never got a run (the inputs failed their checks).
     with tracking.connect(cfg.tracking.experiment) as tracker:
@@ -150,27 +151,34 @@ def evaluate(args: argparse.Namespace) -> None:
         k = len(learned.weights)
         if train.moments.k != k or test.moments.k != k:
             raise DataError(f"{args.model}: has {k} weight(s), the tables have {train.moments.k} feature column(s)")
-        trajectory = data.read_trajectory(args.trajectory, k)
-        train_metrics = read_json(args.train_metrics)
+        trajectory, report = data.read_trajectory(args.trajectory, k), read_json(args.train_metrics)
         tracker.open()  # the inputs are fine: the worker may open the store while the closed form and plots run
 
-        closed, sklearn_gap = reference_fit(args.train_data, train.moments)
-        metrics = compute_metrics(cfg.generate, learned, closed, train.moments, test.moments)
-        true = LineFit(np.asarray(cfg.generate.true_weights), cfg.generate.b_true)
-        lines = {"learned": learned, "closed form": closed, "true": true}
-        pngs = plots.figures(train.moments, train.sample, test.sample, trajectory, train_metrics, lines)
-        write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
-        for name, png in pngs.items():
-            write_bytes_atomic(Path(args.plots) / name, png)
+        closed, sklearn_gap = reference_fit(args.train_data, train.moments)  # reads the table for scikit-learn
+        metrics = compute_metrics(g, learned, closed, train.moments, test.moments)
+        lines = {"learned": learned, "closed form": closed, "true": LineFit(np.asarray(g.true_weights), g.b_true)}
+        pngs = plots.figures(train.moments, train.sample, test.sample, trajectory, report, lines)
+        write_outputs(args, metrics, pngs)
 
         # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
         model_md5, data_md5 = md5_file(args.model), md5_file(args.train_data)
         with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags()):
             tracker.log_metrics(record.eval_metrics(metrics, sklearn_gap))
-            tracker.set_tags({record.NOTE_TAG: record.description(metrics, train_metrics, data_md5, model_md5)})
+            tracker.set_tags({record.NOTE_TAG: record.description(metrics, report, data_md5, model_md5)})
             tracker.log_artifact(args.metrics)
             for name in pngs:
                 tracker.log_artifact(Path(args.plots) / name, "plots")
+    show(lines, k)
+
+
+def write_outputs(args: argparse.Namespace, metrics: dict[str, Any], pngs: dict[str, bytes]) -> None:
+    """metrics.json and the PNGs, each written atomically."""
+    write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
+    for name, png in pngs.items():
+        write_bytes_atomic(Path(args.plots) / name, png)
+
+
+def show(lines: dict[str, LineFit], k: int) -> None:
     for label, line in lines.items():
         values = "  ".join(f"{n}={v:.6g}" for n, v in zip([*weight_names(k), "bias"], line.params(), strict=True))
         cli.log.info("%-11s %s", label, values)

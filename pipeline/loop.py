@@ -5,8 +5,9 @@ The same update, written at three levels of abstraction (train.method):
 - autograd: plain tensors with requires_grad=True; autograd computes the gradient, we do the rest;
 - numpy:    the gradient derived by hand, dL/dw = 2/N X^T (y_pred - y), dL/db = 2/N sum(y_pred - y).
 With the same start, data and learning rate they produce the same trajectory (tests/test_lessons.py).
-What makes the nn step fast without changing what it computes (compiling it, the data's layout) is kept apart,
-in pipeline/tuning.py.
+The train stage calls learn(): the train params and a table in, the trajectory and the model out; under torchrun,
+pipeline/distributed.py wraps the nn learner in DistributedDataParallel. What makes the nn step fast without
+changing what it computes (compiling it, the data's layout) is kept apart, in pipeline/tuning.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -23,9 +24,9 @@ import torch
 from torch import nn, optim
 from tqdm import tqdm
 
-from pipeline import tuning
-from pipeline.config import METHODS  # noqa: F401  (re-exported: the methods this module implements)
-from pipeline.data import trajectory_columns
+from pipeline import distributed, tuning
+from pipeline.config import METHODS, TrainParams  # noqa: F401  (METHODS re-exported: the methods implemented here)
+from pipeline.data import Table, trajectory_columns, weight_names
 
 
 def make_model(init_seed: int, n_features: int = 1, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -110,6 +111,8 @@ class Learner(Protocol):
 
 
 class NNLearner:
+    """The five steps on `model` (on `device`, the CPU by default), nn.MSELoss and an optimiser."""
+
     def __init__(
         self,
         model: nn.Linear,
@@ -120,29 +123,23 @@ class NNLearner:
         momentum: float,
         compile: bool = False,
         device: torch.device | None = None,
-        wrap: Callable[[nn.Module], nn.Module] | None = None,
-        average: Callable[[float], float] | None = None,
     ):
-        """wrap: what the five steps call instead of the nn.Linear itself (DistributedDataParallel); average:
-        the loss over all processes, from this one's (pipeline/distributed.py)."""
-        self.module = model.to(device or torch.device("cpu"))
-        self.model = wrap(self.module) if wrap else self.module
+        self.model: nn.Module = model.to(device or torch.device("cpu"))  # under torchrun: DDP around it
+        self.weight, self.bias = model.weight, model.bias
         self.criterion = nn.MSELoss()
-        self.optimizer = make_optimizer(optimizer, list(self.module.parameters()), lr, momentum)
+        self.optimizer = make_optimizer(optimizer, list(model.parameters()), lr, momentum)
         self.X, self.y = tuning.column_major(torch.from_numpy(X).to(device)), torch.from_numpy(y).to(device)
         self.train_step: tuning.TrainStep = tuning.compiled_train_step(train_step) if compile else train_step
-        self.average = average
 
     def step(self, rows: slice | np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         loss = self.train_step(self.model, self.criterion, self.optimizer, self.X[rows], self.y[rows]).item()
-        w, b = self.module.weight, self.module.bias
+        w, b = self.weight, self.bias
         assert w.grad is not None and b.grad is not None  # set by loss.backward()
         # .grad still holds this step's gradient: step() reads it but does not clear it.
-        loss = self.average(loss) if self.average else loss
         return loss, w.grad.cpu().numpy().copy(), b.grad.cpu().numpy().copy()
 
     def params(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.module.weight.detach().cpu().numpy().copy(), self.module.bias.detach().cpu().numpy().copy()
+        return self.weight.detach().cpu().numpy().copy(), self.bias.detach().cpu().numpy().copy()
 
 
 class AutogradLearner:
@@ -204,8 +201,12 @@ class Trajectory:
 
     def weights(self) -> np.ndarray:
         """(epochs, n_features): the weights after each epoch."""
-        k = self.n_features
-        return self.values[:, 2 + k : 2 + 2 * k]
+        return np.column_stack([self.column(name) for name in weight_names(self.n_features)])
+
+    def path(self) -> np.ndarray:
+        """(epochs + 1, n_features + 1): the weights and bias at the start and after each epoch."""
+        start = np.append(self.init_weight, self.init_bias).astype(self.values.dtype)
+        return np.vstack([start, np.column_stack([self.weights(), self.column("bias")])])
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({name: self.column(name) for name in trajectory_columns(self.n_features)})
@@ -290,6 +291,7 @@ def fit(
             gw_sum += size * gw.reshape(-1)
             gb_sum += size * float(gb.reshape(-1)[0])
         w, b = learner.params()
+        # One row in the order of data.trajectory_columns, which names them.
         rows.append([loss_sum / n, *(gw_sum / n), gb_sum / n, *w.reshape(-1), float(b.reshape(-1)[0])])
         if not math.isfinite(loss_sum):
             diverged_at = epoch
@@ -297,8 +299,43 @@ def fit(
         if len(rows) - sent >= stream_epochs or time.monotonic() - last_sent >= stream_seconds:
             hand_over()
     hand_over()
-    values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, 2 * k + 3), dtype)
+    width = len(trajectory_columns(k)) - 1
+    values = np.asarray(rows, dtype=np.float64).astype(dtype) if rows else np.empty((0, width), dtype)
     return Trajectory(w0.reshape(-1), float(b0.reshape(-1)[0]), values, np.asarray(batch_losses), diverged_at)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What learn() did: the trajectory, and the model after the last epoch (on the CPU, whatever the method)."""
+
+    trajectory: Trajectory
+    model: nn.Linear
+
+
+def learn(
+    p: TrainParams,
+    table: Table,
+    place: distributed.Place | None = None,
+    progress: bool = False,
+    on_start: Callable[[np.ndarray, bool], object] | None = None,
+    on_epochs: Callable[[int, np.ndarray], object] | None = None,
+) -> Fit:
+    """Gradient descent by train.method from the seeded start every method shares, on place's rows (by default all
+    of them, on the CPU); no I/O. on_start(init, compiled): the start (weights, then bias) and whether the step is
+    compiled, before the first step; progress and on_epochs: as in fit()."""
+    place = place or distributed.Place(torch.device("cpu"), slice(None))
+    model = make_model(p.init_seed, table.n_features, getattr(torch, p.dtype))
+    X, y = (a[place.rows] for a in as_arrays(table.X, table.y, model.weight.dtype))  # this rank's rows
+    rows_per_step = min(len(X), p.batch_size or len(X))
+    compiled = tuning.should_compile(p.compile, p.method, rows_per_step, p.epochs) and place.device.type == "cpu"
+    compiled = compiled and place.size == 1  # compiled steps are tuned for the CPU and one process
+    if on_start is not None:
+        on_start(np.append(model.weight.detach().numpy(), model.bias.detach().numpy()), compiled)
+    learner = make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compile=compiled, device=place.device)
+    if place.size > 1:  # under torchrun: the nn learner (distributed.place refuses the others) through DDP
+        learner = distributed.DDPLearner(cast(NNLearner, learner), place.device)
+    traj = fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress, on_epochs)
+    return Fit(traj, load_params(model.cpu(), traj.weights()[-1], traj.column("bias")[-1:]))
 
 
 def as_arrays(x: np.ndarray, y: np.ndarray, dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:

@@ -65,11 +65,10 @@ def initial_series(init: np.ndarray) -> Series:
     return {n: (np.array([0]), init[i : i + 1]) for i, n in enumerate(names)}
 
 
-def epoch_series(first: int, rows: np.ndarray) -> Series:
+def epoch_series(first: int, rows: np.ndarray, n_features: int) -> Series:
     """Rows of the trajectory from epoch `first` on (its columns after "epoch"), one series per column."""
-    k = (rows.shape[1] - 3) // 2
     steps = np.arange(first, first + len(rows))
-    return {c: (steps, rows[:, j]) for j, c in enumerate(data.trajectory_columns(k)[1:])}
+    return {c: (steps, rows[:, j]) for j, c in enumerate(data.trajectory_columns(n_features)[1:])}
 
 
 def batch_series(batch_loss: np.ndarray) -> Series:

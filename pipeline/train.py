@@ -1,14 +1,13 @@
 """DVC stage `train`: gradient descent on the train table -> model, trajectory, train metrics, one MLflow run.
 
-train() reads top to bottom: config and data, checks, placement (device, ranks), the run, fit, outputs, the
-result. What the run records is named in pipeline/record.py.
+train() tells the stage's story: read, check, fit (loop.learn: a function of the train params and the table), write,
+log. What the run records is named in pipeline/record.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 import tempfile
@@ -26,72 +25,33 @@ from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
 
 def train(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
-    p = cfg.train
-    rank, size = distributed.world()
-    if rank != 0:
-        cli.log.setLevel(logging.WARNING)  # one account of the run, rank 0's, who also tracks it and writes
+    p, lead = cfg.train, distributed.lead()  # lead: rank 0, the one process that tracks, shows, writes and prints
     # First: the worker imports MLflow while all that follows runs. A server that does not answer fails here.
-    with tracking.connect(cfg.tracking.experiment, enabled=rank == 0) as tracker:
+    with tracking.connect(cfg.tracking.experiment, enabled=lead) as tracker:
         import safetensors.torch  # the one deferred import: torch and what is built on it
-        import torch
 
         from pipeline import loop, tuning
 
-        try:
-            torch.set_num_threads(p.threads)  # before any tensor work: float32 sums at large N depend on it
-            tuning.set_deterministic()  # an op without a deterministic kernel raises instead of varying
-            table = data.read_table(args.data)
-            moments, stab = check(cfg, args.data, table)
-            dev, rows = distributed.place(p.method, p.device, p.batch_size, len(table), cfg.source)
-            with tracker.run(run_name=record.run_name(cfg)):
-                data_md5 = md5_file(args.data)
-                tracker.set_tags(record.train_tags(data_md5, cfg.tracking.sweep))
-                tracker.expect_model()  # the worker prepares for log_model while this process trains
-                model = loop.make_model(p.init_seed, table.n_features, getattr(torch, p.dtype))  # every method's start
-                X, y = (a[rows] for a in loop.as_arrays(table.X, table.y, model.weight.dtype))  # this rank's rows
-                init = np.append(model.weight.detach().numpy(), model.bias.detach().numpy())
-                rows_per_step = min(len(X), p.batch_size or len(X))
-                compiled = tuning.should_compile(p.compile, p.method, rows_per_step, p.epochs) and dev.type == "cpu"
-                compiled = compiled and size == 1  # compiled steps are tuned for the CPU and one process
-                cli.log.debug("method %s on %s, %d process(es), compiled: %s", p.method, dev, size, compiled)
-                tracker.log_params(record.train_params(cfg, init, len(table), compiled, dev, size))
-                tracker.log_dataset(**record.dataset(args.data, data_md5, table))
-                tracker.log_series(record.initial_series(init))
-                if size > 1:
-                    learner: loop.Learner = distributed.learner(model, X, y, p.optimizer, p.lr, p.momentum, dev)
-                else:
-                    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum, compiled, dev)
-
-                def stream(first: int, values: np.ndarray) -> None:  # logged while the next epochs run
-                    tracker.log_series(record.epoch_series(first, values))
-
-                progress = sys.stderr.isatty() and rank == 0
-                traj = loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed, progress, stream)
-                frame = traj.frame()
-                show(frame, p.epochs)
-                if p.batch_size is not None:
-                    tracker.log_series(record.batch_series(traj.batch_loss))
-                if traj.diverged_at is not None:
-                    raise diverged(tracker, frame, traj.diverged_at, p.lr, stab)
-                final = loop.load_params(model.cpu(), traj.weights()[-1], traj.column("bias")[-1:])
-                path = np.vstack([init, np.column_stack([traj.weights(), traj.column("bias")])])
-                autograd = partial(loop.autograd_gradient, table.X, table.y)  # the gradient to check the formula by
-                report = analyse(moments, stab, p, path, float(traj.column("loss")[-1]), autograd)
-                if rank == 0:  # every rank holds the same trajectory: one writes it
-                    write_outputs(args, safetensors.torch.save(final.state_dict()), frame, report)
-                    log_result(tracker, args, cfg, report, table)
-        finally:
-            distributed.stop()
-    if rank == 0:
-        summarise(report, final.named_parameters())
-
-
-def write_outputs(args: argparse.Namespace, model: bytes, frame: Any, report: dict[str, Any]) -> None:
-    """The model's state_dict in safetensors format (plain tensors, no pickle: identical bytes for identical
-    weights), the trajectory and the metrics, each written atomically."""
-    write_bytes_atomic(args.model, model)
-    data.write_csv(frame, args.trajectory)
-    write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
+        tuning.set_deterministic(p.threads)
+        table = data.read_table(args.data)
+        moments, stab = check(cfg, args.data, table)
+        with distributed.place(p, len(table), cfg.source) as place, tracker.run(run_name=record.run_name(cfg)):
+            started = partial(log_start, tracker, cfg, args.data, table, place)  # before the first step
+            stream = partial(log_epochs, tracker, table.n_features)  # logged while the next epochs run
+            fit = loop.learn(p, table, place, lead and sys.stderr.isatty(), started, stream)
+            traj, frame = fit.trajectory, fit.trajectory.frame()
+            show(frame, p.epochs, table.n_features)
+            if p.batch_size is not None:
+                tracker.log_series(record.batch_series(traj.batch_loss))
+            if traj.diverged_at is not None:
+                raise diverged(tracker, frame, traj.diverged_at, p.lr, stab)
+            autograd = partial(loop.autograd_gradient, table.X, table.y)  # the gradient to check the formula by
+            report = analyse(moments, stab, p, traj.path(), float(traj.column("loss")[-1]), autograd)
+            if not lead:
+                return  # every rank holds the same result: rank 0 alone writes and logs it
+            write_outputs(args, safetensors.torch.save(fit.model.state_dict()), frame, report)
+            log_result(tracker, args, cfg, report, table)
+    summarise(report, fit.model.named_parameters())
 
 
 def check(cfg: config.Config, source: str, table: data.Table) -> tuple[theory.Moments, theory.Stability]:
@@ -110,9 +70,32 @@ def check(cfg: config.Config, source: str, table: data.Table) -> tuple[theory.Mo
     return moments, stab
 
 
-def show(frame: Any, epochs: int) -> None:
+def log_start(
+    tracker: tracking.Tracker,
+    cfg: config.Config,
+    source: str,
+    table: data.Table,
+    place: distributed.Place,
+    init: np.ndarray,
+    compiled: bool,
+) -> None:
+    """What the run records before training (a run cut short keeps it): its tags, params, input, step 0."""
+    cli.log.debug("method %s on %s, %d process(es), compiled: %s", cfg.train.method, place.device, place.size, compiled)
+    data_md5 = md5_file(source)
+    tracker.set_tags(record.train_tags(data_md5, cfg.tracking.sweep))
+    tracker.expect_model()  # the worker prepares for log_model while this process trains
+    tracker.log_params(record.train_params(cfg, init, len(table), compiled, place.device, place.size))
+    tracker.log_dataset(**record.dataset(source, data_md5, table))
+    tracker.log_series(record.initial_series(init))
+
+
+def log_epochs(tracker: tracking.Tracker, n_features: int, first: int, values: np.ndarray) -> None:
+    tracker.log_series(record.epoch_series(first, values, n_features))
+
+
+def show(frame: Any, epochs: int, n_features: int) -> None:
     """About ten lines of the trajectory, and the last one."""
-    names = [c for c in frame.columns if c == "bias" or c.startswith("weight")]
+    names = [*data.weight_names(n_features), "bias"]
     for i in sorted({*range(0, len(frame), max(1, epochs // 10)), len(frame) - 1}):
         row = frame.iloc[i]
         values = "  ".join(f"{n} {row[n]:.6f}" for n in names)
@@ -172,6 +155,14 @@ def analyse(
         "init": dict(zip(names, start.params().tolist(), strict=True)),
         "final_loss": final_loss,
     }
+
+
+def write_outputs(args: argparse.Namespace, model: bytes, frame: Any, report: dict[str, Any]) -> None:
+    """The model's state_dict in safetensors format (plain tensors, no pickle: identical bytes for identical
+    weights), the trajectory and the metrics, each written atomically."""
+    write_bytes_atomic(args.model, model)
+    data.write_csv(frame, args.trajectory)
+    write_text_atomic(args.metrics, json.dumps(report, indent=2) + "\n")
 
 
 def log_result(

@@ -175,8 +175,9 @@ def should_compile(setting: str, method: str, rows_per_step: int, epochs: int) -
     return method == "nn" and rows_per_step >= 300_000 and rows_per_step * epochs >= 3_000_000_000
 
 
-def set_deterministic() -> None:
-    """Deterministic kernels for eager torch. torch.use_deterministic_algorithms(True) sets the same ATen switch
-    but also imports torch._inductor, which is slow to import, for compiled code; compiled_train_step calls it in
-    full."""
+def set_deterministic(threads: int) -> None:
+    """Before any tensor work: `threads` threads (float32 sums at large N depend on it), and deterministic kernels for
+    eager torch (an op without one raises instead of varying). torch.use_deterministic_algorithms(True) also imports
+    torch._inductor, slow to import, for compiled code; compiled_train_step calls it in full."""
+    torch.set_num_threads(threads)
     torch._C._set_deterministic_algorithms(True)

@@ -32,14 +32,12 @@ def run(
     y64: np.ndarray | None = None,
     **train: object,
 ) -> loop.Trajectory:
-    """Train like the train stage does, with cfg.train overridden by `train`."""
-    p = dataclasses.replace(cfg.train, method=method, **train)  # type: ignore[arg-type]
+    """Train as the train stage does, with cfg.train overridden by `train`."""
+    name = str(dtype).removeprefix("torch.")  # as params.yaml spells it
+    p = dataclasses.replace(cfg.train, method=method, dtype=name, **train)  # type: ignore[arg-type]
     if X64 is None or y64 is None:
         X64, y64 = train_arrays(cfg)
-    X, y = loop.as_arrays(X64, y64, dtype)
-    model = loop.make_model(p.init_seed, X.shape[1], dtype)
-    learner = loop.make_learner(p.method, model, X, y, p.optimizer, p.lr, p.momentum)
-    return loop.fit(learner, len(X), p.epochs, p.batch_size, p.shuffle_seed)
+    return loop.learn(p, data.Table(X64, y64)).trajectory
 
 
 def params_before_each_epoch(t: loop.Trajectory) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +89,7 @@ def test_the_fused_adam_the_pipeline_uses_is_torchs_adam(cfg: config.Config) -> 
     X, y = loop.as_arrays(*train_arrays(cfg), torch.float64)
     model = loop.make_model(cfg.train.init_seed, 1, torch.float64)
     reference = loop.NNLearner(model, X, y, "sgd", 0.05, 0.0)
-    reference.optimizer = torch.optim.Adam(reference.module.parameters(), lr=0.05, foreach=False)
+    reference.optimizer = torch.optim.Adam(reference.model.parameters(), lr=0.05, foreach=False)
     fused = loop.make_learner("nn", loop.make_model(cfg.train.init_seed, 1, torch.float64), X, y, "adam", 0.05, 0.0)
     assert fused.optimizer.defaults["fused"]  # type: ignore[attr-defined]
     a, b = loop.fit(reference, len(X), 100), loop.fit(fused, len(X), 100)
@@ -272,6 +270,18 @@ def test_one_feature_is_stored_column_major_without_a_copy() -> None:
     assert torch.equal(C, X) and C.stride() == (1, 5) and C.data_ptr() == X.data_ptr()
     wide = torch.zeros(5, 3)
     assert tuning.column_major(wide) is wide  # several features: left as they are
+
+
+def test_learn_reports_the_seeded_start_and_returns_the_model_of_the_last_epoch(cfg: config.Config) -> None:
+    """What the stage records before the first step, and what it writes after the last."""
+    starts: list[tuple[np.ndarray, bool]] = []
+    fit = loop.learn(cfg.train, data.generate(cfg.generate)[0], on_start=lambda *start: starts.append(start))
+    seeded = loop.make_model(cfg.train.init_seed)  # the oracle: the seeded nn.Linear every method starts from
+    [(init, compiled)] = starts
+    assert np.array_equal(init, np.append(seeded.weight.detach(), seeded.bias.detach())) and not compiled
+    path = fit.trajectory.path()
+    assert np.array_equal(path[0], init) and len(path) == cfg.train.epochs + 1
+    assert np.array_equal(path[-1], np.append(fit.model.weight.detach(), fit.model.bias.detach()))
 
 
 def test_the_trajectory_streams_out_in_order_and_whole(cfg: config.Config) -> None:
