@@ -15,7 +15,7 @@ import torch
 from torch import nn, optim
 
 from pipeline import config, data, loop, theory
-from tests.test_loop import run, train_arrays
+from tests.training import run, train_arrays
 
 X_DATA = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
 Y_DATA = 3 * X_DATA + 1  # an exact line: y = 3x + 1

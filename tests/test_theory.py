@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import config, loop, theory
-from tests.test_loop import run, train_arrays
+from tests.training import run, train_arrays
 
 
 def lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
