@@ -92,3 +92,28 @@ def reproduced_output(reproduced: Path) -> str:
 def repo(reproduced: Path, tmp_path: Path) -> Path:
     """A copy of the reproduced repository for this test alone, in an ASCII folder (DVC's queue needs one)."""
     return clone(reproduced, tmp_path / "repo")
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite store whose tables are made, built once per test session: MLflow migrates a new database
+    for seconds at its first use, and a copy of this one starts where a new store is after it."""
+    root = session_folder(tmp_path_factory) / "store"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "built").exists():
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+            (root / "built").touch()
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def project(tmp_path: Path, store_template: Path) -> Path:
+    """A project folder (its dvc.yaml marks the root) whose MLflow store, mlruns/mlflow.db, is made already."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(store_template, tmp_path / "mlruns" / "mlflow.db")
+    return tmp_path

@@ -120,16 +120,15 @@ def logged_model_id(client: MlflowClient, run_id: str) -> str:
 
 
 @pytest.fixture
-def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def root(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project folder whose store MLflow's module-level API (load_model of a models:/ URI) reads too.
 
     Through the variable, which monkeypatch puts back: mlflow.set_tracking_uri would set it for the rest of
     the session, and later tests would find their stores moved.
     """
     monkeypatch.delenv("PIPELINE_TRACKING", raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.default_uri(tmp_path))
-    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    return tmp_path
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.default_uri(project))
+    return project
 
 
 @pytest.mark.stage

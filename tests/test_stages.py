@@ -118,6 +118,14 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def tracked(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder whose MLflow store is made already (conftest.py), for the tests that read their run."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    return project
+
+
 def run_pipeline(params: Path) -> list[int]:
     """generate, train, evaluate with the paths dvc.yaml uses, relative to the current folder."""
     p = ["--params", str(params)]
@@ -143,24 +151,24 @@ def only_run(workdir: Path) -> Run:
     return runs[0]
 
 
-def test_two_features_mini_batches_and_numpy_run_end_to_end(workdir: Path) -> None:
-    params = params_with(workdir, "true_weights: [3.0]", "true_weights: [3.0, -1.0]")
+def test_two_features_mini_batches_and_numpy_run_end_to_end(tracked: Path) -> None:
+    params = params_with(tracked, "true_weights: [3.0]", "true_weights: [3.0, -1.0]")
     text = params.read_text().replace("method: nn", "method: numpy").replace("batch_size: null", "batch_size: 16")
     params.write_text(text.replace("epochs: 100", "epochs: 60"))
     assert run_pipeline(params) == [0, 0, 0]
-    m = json.loads((workdir / "metrics/eval.json").read_text())
+    m = json.loads((tracked / "metrics/eval.json").read_text())
     for name, true in (("weight_1", 3.0), ("weight_2", -1.0)):
         assert m[name]["true"] == true and abs(m[name]["learned"] - true) < 0.1
-    assert sorted(p.name for p in (workdir / "plots").iterdir()) == [
+    assert sorted(p.name for p in (tracked / "plots").iterdir()) == [
         "convergence.png",
         "fit.png",
         "landscape.png",
         "loss.png",
         "params.png",
     ]
-    run = only_run(workdir)
+    run = only_run(tracked)
     assert run.info.status == "FINISHED" and run.data.params["train.method"] == "numpy"
-    client = MlflowClient(tracking.default_uri(workdir))
+    client = MlflowClient(tracking.default_uri(tracked))
     assert len(client.get_metric_history(run.info.run_id, "batch_loss")) == 60 * 5  # 80 rows / 16 per batch
     assert len(client.get_metric_history(run.info.run_id, "weight_2")) == 61
     assert {"stability.lr_max", "gradient_check.max_abs_diff", "weight_2.learned"} <= set(run.data.metrics)
@@ -169,7 +177,7 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(workdir: Path) -> No
     # What ran, in its name; the result, in its description, from the files the stages wrote.
     assert run.info.run_name == "numpy-sgd-lr0.1-60ep"
     note = run.data.tags["mlflow.note.content"]
-    report = json.loads((workdir / "metrics/train.json").read_text())
+    report = json.loads((tracked / "metrics/train.json").read_text())
     for name in ("weight_1", "weight_2", "bias"):
         row = next(line for line in note.splitlines() if line.startswith(f"| {name} |"))
         cells = [float(c) for c in row.split("|")[2:6]]  # six significant digits, the gap three
@@ -184,8 +192,8 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(workdir: Path) -> No
     tol = report["convergence"]["tolerance"]
     assert f"within {tol:g} of the closed form: not reached in the epochs run (theory gives no bound" in closing
     assert "None" not in closing
-    assert f"Data md5 `{md5_file(workdir / 'g/train.parquet')}`" in note
-    assert f"model md5 `{md5_file(workdir / 'm/model.safetensors')}`" in note
+    assert f"Data md5 `{md5_file(tracked / 'g/train.parquet')}`" in note
+    assert f"model md5 `{md5_file(tracked / 'm/model.safetensors')}`" in note
     assert "no git commit was recorded" in note  # this folder is no git repository
 
 
@@ -204,18 +212,18 @@ def test_learning_rate_above_the_stability_limit_is_refused_before_any_work(
 
 
 def test_divergence_demonstration_fails_the_run_and_keeps_its_trajectory(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
+    tracked: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    params = params_with(workdir, "lr: 0.1 ", "lr: 1.5 ")
+    params = params_with(tracked, "lr: 0.1 ", "lr: 1.5 ")
     params.write_text(params.read_text().replace("allow_divergence: false", "allow_divergence: true"))
     params.write_text(params.read_text().replace("epochs: 100", "epochs: 5000"))
     assert run_pipeline(params) == [0, 2]
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "loss is not finite at epoch" in err and "train.lr = 1.5" in err and "largest stable" in err
-    assert not (workdir / "m" / "model.safetensors").exists() and not (workdir / "m" / "trajectory.csv").exists()
-    run = only_run(workdir)
+    assert not (tracked / "m" / "model.safetensors").exists() and not (tracked / "m" / "trajectory.csv").exists()
+    run = only_run(tracked)
     assert run.info.status == "FAILED"
-    client = MlflowClient(tracking.default_uri(workdir))
+    client = MlflowClient(tracking.default_uri(tracked))
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["trajectory.csv"]
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 10
 
@@ -255,23 +263,23 @@ def test_progress_bar_shows_on_a_terminal_and_not_in_a_log(workdir: Path) -> Non
     assert "training:" not in outputs["file"] and "it/s" not in outputs["file"] and "epoch/s" not in outputs["file"]
 
 
-def test_a_compiled_step_without_a_compiler_fails_in_one_line_and_its_run_is_failed(workdir: Path) -> None:
+def test_a_compiled_step_without_a_compiler_fails_in_one_line_and_its_run_is_failed(tracked: Path) -> None:
     """No page of compiler output: inductor's error becomes the stage's one line, exit status 2."""
-    params = params_with(workdir, "compile: auto", "compile: on")
+    params = params_with(tracked, "compile: auto", "compile: on")
     assert generate.main(["--params", str(params), "--train", "g/train.parquet", "--test", "g/test.parquet"]) == 0
     cmd = [sys.executable, "-m", "pipeline.train", "--data", "g/train.parquet", "--params", str(params)]
     cmd += ["--model", "m/model.safetensors", "--trajectory", "m/trajectory.csv", "--metrics", "m/train.json"]
     # A cache of its own: a step compiled before would be loaded, not built.
-    env = {**os.environ, "CXX": str(workdir / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(workdir / "inductor")}
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "CXX": str(tracked / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tracked / "inductor")}
+    proc = subprocess.run(cmd, cwd=tracked, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     ours = [line for line in proc.stderr.splitlines() if not line.startswith(("INFO ", "20"))]  # not MLflow's log
     assert ours == [
-        f"error: train: the compiled step (train.compile) needs a C++ compiler, and '{workdir / 'no-such-g++'}' is "
+        f"error: train: the compiled step (train.compile) needs a C++ compiler, and '{tracked / 'no-such-g++'}' is "
         "not one that works here: install g++ (or set CXX to a compiler), or set train.compile: off"
     ]
-    assert not (workdir / "m").exists()
-    assert only_run(workdir).info.status == "FAILED"
+    assert not (tracked / "m").exists()
+    assert only_run(tracked).info.status == "FAILED"
 
 
 @pytest.fixture
