@@ -52,7 +52,7 @@ def exit_now(code: int) -> NoReturn:
 
     By the time main() returns, every output is on disk (written atomically and fsync'd, pipeline/io.py) and
     the MLflow run has ended (the stage waits for its worker). What is left is Python freeing its modules, a
-    large share of a train run once torch.optim has imported torch._dynamo (docs/performance.md). Only
+    large share of a train run once torch.optim has imported torch._dynamo (bench P1). Only
     `python -m pipeline.<stage>` calls this; main() itself returns, so callers in the same process (the
     tests) are unaffected.
     """

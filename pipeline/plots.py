@@ -15,7 +15,7 @@ from pipeline.theory import LineFit, Moments, mse_grid
 
 
 def _png(fig: Figure, left: float = 0.12, right: float = 0.97, bottom: float = 0.12, top: float = 0.91) -> bytes:
-    # Fixed margins instead of tight_layout, which took most of this stage's plotting (docs/performance.md).
+    # Fixed margins instead of tight_layout, which took most of this stage's plotting (bench P1).
     fig.subplots_adjust(left=left, right=right, bottom=bottom, top=top)
     buf = io.BytesIO()
     # No "Software" metadata: it carries matplotlib's version; the bytes should depend on the data only.
@@ -23,7 +23,7 @@ def _png(fig: Figure, left: float = 0.12, right: float = 0.97, bottom: float = 0
     return buf.getvalue()
 
 
-MAX_POINTS = 5000  # per scatter: more only slows the drawing (and 1e7 markers would take minutes)
+MAX_POINTS = 5000  # per scatter: more only slows the drawing (bench P5 evaluate at N=1e8)
 
 
 def _thin(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:

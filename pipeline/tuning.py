@@ -2,8 +2,8 @@
 takes to build it in any folder, or to fail in one line), the data layout, when compiling pays, the deterministic
 switch, and how often fit() streams the trajectory out.
 
-None of it changes what is computed, only how fast: each setting is explained here, and what each one buys, as
-measured, is in docs/performance.md. This module does not import pipeline.loop; loop imports it.
+None of it changes what is computed, only how fast: each setting says why it is there and names the bench row
+(benchmarks/bench.py) that gets worse without it. This module does not import pipeline.loop; loop imports it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ TrainStep = Callable[[nn.Module, nn.Module, optim.Optimizer, torch.Tensor, torch
 
 # How often fit() hands the growing trajectory to on_epochs: each second, for a live curve in the MLflow UI,
 # or each 1000 epochs, one full MLflow request per series. Smaller pieces cost more than they save: every
-# request has a fixed cost, so more, smaller requests made a run log slower (docs/performance.md).
+# request has a fixed cost, so more, smaller requests made a run log slower (bench P2).
 STREAM_EPOCHS, STREAM_SECONDS = 1000, 1.0
 
 
@@ -49,8 +49,8 @@ def module_attributes(module: object, **values: Any) -> Iterator[None]:
 def compiled_train_step(train_step: TrainStep) -> TrainStep:
     """train_step through torch.compile: the same five steps, fused into two passes over the data.
 
-    At large N the step is bound by memory traffic, and two settings decide it (P3 in benchmarks/bench.py; the
-    figures, against the floor of one torch pass for sum x, sum y, sum xy, sum x^2, are in docs/performance.md):
+    At large N the step is bound by memory traffic, and two settings decide it (bench P3 N=1e7, against the floor
+    of one torch pass for sum x, sum y, sum xy, sum x^2):
     - Inductor rewrites nn.Linear's two matrix products as fused multiply-and-sum loops. As BLAS calls, the forward
       X @ W.T writes an (N, 1) result and the weight gradient, a (1, N) @ (N, 1) product, runs far slower than a
       dot product; without the rewrite the compiled step loses most of what compiling gains.
@@ -154,7 +154,7 @@ def column_major(X: torch.Tensor) -> torch.Tensor:
     The strides of a size-1 dimension change no element's address, but MKL's gemm takes an (N, 1) operand with
     strides (1, 1) as row-major with leading dimension 1, and there nn.Linear's weight gradient, a (1, N) @ (N, 1)
     product, runs several times slower than a dot product, and the forward X @ W.T slower too. As a column-major
-    operand both take BLAS's fast path, and the eager step is faster by as much (docs/performance.md). Several
+    operand both take BLAS's fast path, and the eager step is faster by as much (bench P3 N=1e6). Several
     features keep their row-major layout (a column-major copy would double X).
     """
     if X.shape[1] != 1:
@@ -165,10 +165,10 @@ def column_major(X: torch.Tensor) -> torch.Tensor:
 def should_compile(setting: str, method: str, rows_per_step: int, epochs: int) -> bool:
     """train.compile: on, off, or auto: compile the nn step when the work is large enough to repay compiling.
 
-    Compiling costs seconds, once. Per step (one feature, one thread) the compiled step saves more the more rows
+    Compiling is paid once per process. Per step (one feature, one thread) the compiled step saves more the more rows
     it has: eager allocates N-row temporaries, and above malloc's mmap threshold each one costs fresh pages. At
     small N the compiled step's fixed cost per call makes it slower than eager; the two break even near 3e5 rows,
-    and the work must also be large enough to repay the compile (docs/performance.md has the figures).
+    and the work must also be large enough to repay the compile (bench P3 at N=1e6 and 1e7).
     """
     if setting != "auto":
         return setting == "on"
