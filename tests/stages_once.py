@@ -1,7 +1,8 @@
 """Run generate, train and evaluate for several params files in one process, and print each output's md5.
 
-`python tests/stages_once.py OUT PARAMS_FILE...` writes OUT/<params file's stem>/ with the files dvc.yaml names,
-and OUT/md5.json: {params file's stem: {path: md5}}.
+`python tests/stages_once.py OUT PARAMS_FILE[:STAGE,...]...` writes OUT/<params file's stem>/ with the files
+dvc.yaml names, and OUT/md5.json: {params file's stem: {path: md5}}. After a colon, the stages to run (all of them
+by default, in dvc.yaml's order).
 One process for all of them, because under an emulated CPU (qemu-x86_64 -cpu MODEL, tests/test_cpus.py)
 importing torch alone takes ~25 s. Tracking is off: this compares bytes, not runs.
 """
@@ -40,17 +41,21 @@ def outputs(folder: Path) -> dict[str, str]:
     }
 
 
-def main(out: Path, params_files: list[Path]) -> dict[str, dict[str, str]]:
+def main(out: Path, runs: list[str]) -> dict[str, dict[str, str]]:
     import importlib
 
     os.environ["PIPELINE_TRACKING"] = "off"
     result = {}
-    for params in params_files:
+    for run in runs:
+        path, _, only = run.partition(":")
+        params = Path(path)
         folder = out / params.stem
-        for module, args in stage_commands(folder, params).items():
+        for stage, args in stage_commands(folder, params).items():
+            if only and stage not in only.split(","):
+                continue
             code = importlib.import_module(args[0]).main(args[1:])
             if code != 0:
-                raise SystemExit(f"{module} failed on {params} ({code})")
+                raise SystemExit(f"{stage} failed on {params} ({code})")
         result[params.stem] = outputs(folder)
     return result
 
@@ -58,4 +63,4 @@ def main(out: Path, params_files: list[Path]) -> dict[str, dict[str, str]]:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     out = Path(sys.argv[1])
-    (out / "md5.json").write_text(json.dumps(main(out, [Path(p) for p in sys.argv[2:]]), indent=1))
+    (out / "md5.json").write_text(json.dumps(main(out, sys.argv[2:]), indent=1))
