@@ -8,7 +8,6 @@ A logging call queues a command and returns; the end of a run waits until the wo
 from __future__ import annotations
 
 import atexit
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -22,12 +21,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline import tracking_worker
 from pipeline.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
 STORE_DIR = "mlruns"  # under the repository root: mlruns/mlflow.db and mlruns/artifacts/
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -53,25 +52,6 @@ def default_uri(root: Path) -> str:
 def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI when set, else the embedded SQLite store under the repository root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of an absolute sqlite:/// URI, else None (a server or another backend)."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri[len(prefix) :].startswith("/") else None
-
-
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialise first use of a SQLite store: concurrent schema migrations of a new database file fail."""
-    db = sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 class Channel(Protocol):
@@ -101,8 +81,6 @@ class Worker:
     """The worker process as the stage sees it: commands go down one pipe, its replies come up another."""
 
     def __init__(self, uri: str, experiment: str) -> None:
-        from pipeline import tracking_worker  # what the process runs; MLflow is imported there, in it only
-
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: a fork would copy threads, stores
         their_commands, self.commands = context.Pipe(duplex=False)
         self.replies, their_replies = context.Pipe(duplex=False)
@@ -110,7 +88,7 @@ class Worker:
         self.process = context.Process(target=tracking_worker.main, args=args, name="tracking")
         # The worker ignores Ctrl-C and SIGTERM once its Python is up. Blocked here, they are inherited blocked:
         # one sent meanwhile waits and the worker discards it, while this process gets it at the unblock.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, tracking_worker.STOP_SIGNALS)
         try:
             self.process.start()
         except OSError as e:

@@ -1,4 +1,5 @@
-"""The tracking worker: the one process that imports MLflow, started by `pipeline.tracking.Worker`.
+"""The tracking worker: the one process that imports MLflow, started by `pipeline.tracking.Worker`, and what it
+shares with the stage's side (which imports this module, never the reverse).
 
 It imports MLflow at once, opens the store at the stage's first command (a stage that stops before sending any
 leaves no store behind), then runs the commands in order, each a method of Session called by name. It exits when
@@ -7,6 +8,7 @@ the run ends; if the commands end first, the stage has died without ending its r
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import logging
@@ -16,9 +18,9 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import record, tracking
+from pipeline import record
 from pipeline.errors import first_line
 
 METRICS_PER_REQUEST = 1000  # MLflow's REST limit for one log_batch
@@ -34,10 +36,30 @@ PARAMS_PER_REQUEST = 100
 REQUESTS_IN_FLIGHT = 4  # to a tracking server, at once
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # what MLflow runs to load a logged model
 MODEL_REQUIREMENTS = ("numpy", "pandas", "safetensors")  # what that code imports; MLflow adds itself
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
 
 Say = Callable[[str, Any], None]  # a reply to the stage: ("run", id), ("warning", text) or ("error", text)
 Command = tuple[str, tuple[Any, ...]]  # a Session method's name and its arguments
 Inbox = queue.SimpleQueue[Command | None]  # None: the commands have ended
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an absolute sqlite:/// URI, else None (a server or another backend)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri[len(prefix) :].startswith("/") else None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store: concurrent schema migrations of a new database file fail."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class Session:
@@ -49,10 +71,10 @@ class Session:
         from mlflow.tracking import MlflowClient
 
         self.uri, self.say = uri, say
-        with tracking.store_lock(uri):  # the client opens the store: when MLflow migrates a new database
+        with store_lock(uri):  # the client opens the store: when MLflow migrates a new database
             self.client = MlflowClient(tracking_uri=uri)
             # In a SQLite store's folder, not in ./mlruns (for a queued DVC experiment, a temporary copy).
-            db = tracking.sqlite_path(uri)
+            db = sqlite_path(uri)
             location = (db.parent / "artifacts").as_uri() if db else None
             kind = {record.EXPERIMENT_KIND_TAG: record.EXPERIMENT_KIND}
             try:
@@ -291,7 +313,7 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
     # to the group ends the stage; staying alive until its commands end, we log what it sent and mark it FAILED.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, tracking.STOP_SIGNALS)  # blocked by the stage until now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the stage until now
     # Where Model.log looks for the store. Not mlflow.set_tracking_uri(): that restarts MLflow's tracing too.
     os.environ["MLFLOW_TRACKING_URI"] = uri
     # A server that goes away: MLflow's client retries 7 times with backoff doubling from 2 s, minutes in all.
