@@ -31,7 +31,7 @@ from pipeline.errors import first_line
 
 METRICS_PER_REQUEST = 1000  # MLflow's REST limit for one log_batch
 PARAMS_PER_REQUEST = 100
-REQUESTS_IN_FLIGHT = 4  # to a tracking server, at once
+REQUESTS_IN_FLIGHT = 4  # bench P2 (team server): to a server side by side; one at a time, runs end later
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # what MLflow runs to load a logged model
 MODEL_REQUIREMENTS = ("numpy", "pandas", "safetensors")  # what that code imports; MLflow adds itself
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
@@ -165,7 +165,7 @@ class Session:
             (path := Path(folder, name)).write_bytes(content)
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def expect_model(self) -> None:  # what log_model needs first is done while the stage trains
+    def expect_model(self) -> None:  # bench P1, P2: log_model's first steps, done while the stage trains
         self.prepare = True
 
     def log_model(
@@ -232,17 +232,16 @@ def prepare_model_logging() -> None:
     from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
 
     warn_dependency_requirement_mismatches(model_requirements())
-    gc.freeze()  # what this imported, too
 
 
 def preload(uri: str) -> None:
-    """The slow part of the start-up, while the stage imports its own libraries: MLflow's client and, for a
-    database, its SQLAlchemy store (not opened yet)."""
+    """bench P1: the slow part of the start-up, while the stage imports its own libraries: MLflow's client and,
+    for a database, its SQLAlchemy store (not opened yet)."""
     from mlflow.tracking import MlflowClient  # noqa: F401
 
     if uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    gc.freeze()  # MLflow's objects live as long as this process: keep them out of every full collection
+    gc.freeze()  # bench P2 (sqlite): MLflow's objects live as long as this process: keep them out of collections
 
 
 def serve(session: Session, first: Command, inbox: queue.SimpleQueue[Command | None]) -> None:
@@ -282,8 +281,9 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
         with suppress(OSError):  # BrokenPipeError: the stage has gone, and there is nobody left to tell
             replies.send((kind, value))
 
-    # The commands, read into memory as they come, so that the stage never waits on a full pipe; then None for
-    # their end (the stage closed its end, or died, maybe while sending one).
+    # The commands, read into memory as they come, then None for their end (the stage closed its end, or died).
+    # No bench row needs this thread, but the stage's calls return at once even while this process cannot open
+    # the store, as tests/test_tracking.py's test_calls_return_while_the_worker_cannot_even_open_the_store holds.
     inbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
 
     def read_commands() -> None:
