@@ -86,7 +86,6 @@ def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> 
 class Offline:
     """PIPELINE_TRACKING=off, or a torchrun rank but 0: the same calls, recorded nowhere, and no process."""
 
-    pid: int | None = None
     run_id: str | None = None
 
     def send(self, command: Command) -> None: ...
@@ -278,9 +277,8 @@ class Tracker:
         self._send(Session.log_dataset, source, name, digest, context, int(n_rows), list(columns))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top.
-
-        MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
+        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top. MLflow itself refuses
+        an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
         self._send(Session.log_artifact, *self._read(path), artifact_path)
 
     def expect_model(self) -> None:  # log_model will come: the worker prepares while it has nothing else to do
