@@ -42,14 +42,14 @@ def locate(uri: str, experiment: str, model_md5: str) -> tuple[str, str, str | N
     MLflow's own client: the stages' worker is for logging while they work, and nothing works meanwhile here."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking_worker import find_run
+    from pipeline.tracking_worker import find_run, sqlite_path, store_lock
 
-    db = tracking.sqlite_path(uri)
+    db = sqlite_path(uri)
     if not tracking.tracking_on() or (db is not None and not db.exists()):
         return None  # nothing was tracked: make no store either
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
-    with tracking.store_lock(uri):  # an older store's first use migrates it
+    with store_lock(uri):  # an older store's first use migrates it
         found = client.get_experiment_by_name(experiment)
     run_id = None if found is None else find_run(client, found.experiment_id, model_md5)
     if found is None or run_id is None:

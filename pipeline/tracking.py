@@ -1,40 +1,39 @@
 """Where the MLflow store is, and the stage's side of tracking: every MLflow call goes to a worker process.
 
-MLflow is imported only in `pipeline.tracking_worker`, a `multiprocessing` Process that `connect()` starts at
-once: importing MLflow and opening the store run on the other core while the stage works (docs/tracking.md).
-A logging call queues a command and returns; the end of a run waits until the worker has logged everything.
+`connect()` starts the worker (pipeline/tracking_worker.py, the one module that imports MLflow) at once, so that
+importing MLflow and opening the store overlap the stage's own work (docs/tracking.md). A logging call checks its
+arguments, queues the worker's command and returns; the end of a run waits until the worker has logged everything.
 """
 
 from __future__ import annotations
 
 import atexit
-import fcntl
 import logging
 import multiprocessing
 import os
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec
 
 import numpy as np
 
+from pipeline import tracking_worker
 from pipeline.errors import TrackingError
+from pipeline.tracking_worker import Command, Session
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 STORE_DIR = "mlruns"  # under the repository root: mlruns/mlflow.db and mlruns/artifacts/
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
 
 
 def project_root(cwd: Path | None = None) -> Path:
-    """The repository root, also when DVC runs a stage in an experiment's temporary copy.
-
-    Queued and --temp experiments run in <root>/.dvc/tmp/exps/[standalone/]tmpXXXX: the store stays at the
-    real root, not scattered over throw-away folders."""
+    """The repository root, also from a queued or --temp DVC experiment's copy in
+    <root>/.dvc/tmp/exps/[standalone/]tmpXXXX: the store stays at the real root, not in throw-away folders."""
     here = (cwd or Path.cwd()).resolve()
     parts = here.parts
     for i in range(len(parts) - 2):
@@ -55,44 +54,41 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
 
 
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of an absolute sqlite:/// URI, else None (a server or another backend)."""
-    prefix = "sqlite:///"
-    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri[len(prefix) :].startswith("/") else None
+def tracking_on() -> bool:
+    """False under PIPELINE_TRACKING=off: nothing is logged, and nothing reads a store either."""
+    return os.environ.get("PIPELINE_TRACKING", "on") != "off"
 
 
-@contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialise first use of a SQLite store: concurrent schema migrations of a new database file fail."""
-    db = sqlite_path(uri)
-    if db is None:
-        yield
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming it, when a tracking server does not answer (MLflow's client retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
+        why = f"is not reachable ({getattr(e, 'reason', e)}); start it or unset MLFLOW_TRACKING_URI"
+        raise TrackingError(f"MLflow tracking server {uri} {why} to use the project's own store") from None
 
 
-class Channel(Protocol):
-    """How a Tracker reaches its store: through a worker process (Worker), or not at all (Offline)."""
-
-    pid: int | None
-    run_id: str | None  # the run the worker made or reopened, once it has said so
-
-    def send(self, command: str, *args: Any) -> None: ...  # queue one command; returns at once
-    def end(self, status: str) -> None: ...  # end the run, wait for everything to be logged; TrackingError if not
-    def close(self) -> None: ...  # let a worker with no run go
+def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> Tracker:
+    """A Tracker whose worker is starting already. enabled=False (a torchrun rank but 0) or PIPELINE_TRACKING=off:
+    the calls go nowhere, for machines without a store and for timing what tracking costs (benchmarks/bench.py)."""
+    if not enabled or not tracking_on():
+        return Tracker("(tracking off)", "", enabled=False)
+    uri = tracking_uri(root or project_root())
+    check_reachable(uri)
+    tracker = Tracker(uri, experiment)
+    tracker.start()
+    return tracker
 
 
 class Offline:
     """PIPELINE_TRACKING=off, or a torchrun rank but 0: the same calls, recorded nowhere, and no process."""
 
-    pid: int | None = None
     run_id: str | None = None
 
-    def __init__(self, uri: str, experiment: str) -> None: ...
-    def send(self, command: str, *args: Any) -> None: ...
+    def send(self, command: Command) -> None: ...
     def end(self, status: str) -> None: ...
     def close(self) -> None: ...
 
@@ -101,8 +97,6 @@ class Worker:
     """The worker process as the stage sees it: commands go down one pipe, its replies come up another."""
 
     def __init__(self, uri: str, experiment: str) -> None:
-        from pipeline import tracking_worker  # what the process runs; MLflow is imported there, in it only
-
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: a fork would copy threads, stores
         their_commands, self.commands = context.Pipe(duplex=False)
         self.replies, their_replies = context.Pipe(duplex=False)
@@ -110,7 +104,7 @@ class Worker:
         self.process = context.Process(target=tracking_worker.main, args=args, name="tracking")
         # The worker ignores Ctrl-C and SIGTERM once its Python is up. Blocked here, they are inherited blocked:
         # one sent meanwhile waits and the worker discards it, while this process gets it at the unblock.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, tracking_worker.STOP_SIGNALS)
         try:
             self.process.start()
         except OSError as e:
@@ -122,33 +116,33 @@ class Worker:
         atexit.register(self.commands.close)  # multiprocessing joins its children at exit: let this one end
         self.uri, self.pid = uri, self.process.pid
         log.debug("tracking worker %d started for %s", self.pid, uri)
-        self.run_id: str | None = None
+        self.run_id: str | None = None  # the run the worker made or reopened, once it has said so
         self.sent, self.eof = 0, False  # until its first command, the worker has not touched the store
         self.error: str | None = None  # the first failure the worker reported
         self.failed: TrackingError | None = None  # raised once, and again by every later call
 
-    def send(self, command: str, *args: Any) -> None:
+    def send(self, command: Command) -> None:  # returns at once
         if self.failed is not None:
             raise self.failed
         while not self.eof and self.replies.poll():
             self._receive()
         if self.error is None:
             with suppress(BrokenPipeError):  # the worker has exited: its replies say why
-                self.commands.send((command, args))
+                self.commands.send(command)
                 self.sent += 1
                 return
         raise self._fail()  # nothing more can be logged: stop the stage now, not at the end of the run
 
-    def end(self, status: str) -> None:
+    def end(self, status: str) -> None:  # end the run, and wait until everything is logged
         if self.failed is not None:
             raise self.failed
         with suppress(BrokenPipeError):
-            self.commands.send(("end", (status,)))
+            self.commands.send((Session.end, (status,), {}))
         self._stop()
         if self.error is not None or self.process.exitcode != 0:
             raise self._fail()
 
-    def close(self) -> None:
+    def close(self) -> None:  # let a worker with no run go
         if self.sent == 0:  # it is only importing MLflow: a stage that failed its own checks should fail fast
             self.process.kill()
         self._stop()
@@ -184,18 +178,18 @@ class Worker:
 
 class Tracker:
     """One store and one experiment, as the stage sees them. A worker serves one run; a later run() starts another.
+    Each call the stage can make is a method here that checks its arguments, then sends the tracking_worker.Session
+    method that makes the MLflow calls (mypy checks the arguments against it)."""
 
-    Each call the stage can make is a method here that checks its arguments, and the method of the same name of
-    tracking_worker.Session that makes the MLflow calls: nothing else lists them."""
-
-    def __init__(self, uri: str, experiment: str, channel: type[Worker] | type[Offline] = Worker) -> None:
-        self.uri, self.experiment, self._new_channel = uri, experiment, channel
-        self._channel: Channel | None = None
+    def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
+        self.uri, self.experiment, self.enabled = uri, experiment, enabled
+        self._channel: Worker | Offline | None = None
         self._in_run = False
+        self._params: dict[str, str] = {}  # the run's, as logged: its model records them too
 
-    def start(self) -> Channel:  # a worker, started now if none is running
+    def start(self) -> Worker | Offline:  # a worker, started now if none is running
         if self._channel is None:
-            self._channel = self._new_channel(self.uri, self.experiment)
+            self._channel = Worker(self.uri, self.experiment) if self.enabled else Offline()
         return self._channel
 
     def __enter__(self) -> Tracker:
@@ -210,20 +204,20 @@ class Tracker:
             channel.close()
 
     def open(self) -> None:  # let the worker open the store now (as at any first command), without waiting
-        self.start().send("open_store")
+        self.start().send((Session.open_store, (), {}))
 
     @contextmanager
     def run(
         self, run_name: str | None = None, attach_to_model: str | None = None, tags_if_new: dict[str, str] | None = None
-    ) -> Iterator[Channel]:
+    ) -> Iterator[Worker | Offline]:
         """A run, which the worker makes while the body goes on; it ends FINISHED, or FAILED (KILLED on Ctrl-C)
         if the body raises, once the worker has logged everything. attach_to_model: add to the newest FINISHED run
         tagged with this model hash; if there is none, a new run gets `tags_if_new` and the hash, with a warning."""
         if self._in_run:
             raise RuntimeError("a run is already open on this tracker")
-        channel, self._in_run = self.start(), True
+        channel, self._in_run, self._params = self.start(), True, {}
         try:
-            channel.send("start", run_name, attach_to_model, tags_if_new or {})
+            self._send(Session.start, run_name, attach_to_model, tags_if_new or {})
             yield channel
         except BaseException as e:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -239,10 +233,10 @@ class Tracker:
         channel, self._channel, self._in_run = self.start(), None, False
         channel.end(status)
 
-    def _send(self, command: str, *args: Any) -> None:
+    def _send(self, method: Callable[Concatenate[Session, P], None], *args: P.args, **kwargs: P.kwargs) -> None:
         if not self._in_run:
             raise RuntimeError("no MLflow run is open on this tracker")
-        self.start().send(command, *args)
+        self.start().send((method, args, kwargs))
 
     def _read(self, path: str | Path) -> tuple[str, bytes]:  # now: the caller may rewrite or delete it at once
         try:
@@ -253,10 +247,12 @@ class Tracker:
     # Logging: each call queues a command and returns.
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._send("log_params", {k: str(v) for k, v in params.items()})
+        as_logged = {k: str(v) for k, v in params.items()}
+        self._send(Session.log_params, as_logged)
+        self._params |= as_logged
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._send("set_tags", {k: str(v) for k, v in tags.items()})
+        self._send(Session.set_tags, {k: str(v) for k, v in tags.items()})
 
     def log_metrics(self, values: Mapping[str, float], step: int = 0) -> None:
         self.log_series({k: ([step], [v]) for k, v in values.items()})
@@ -270,23 +266,23 @@ class Tracker:
             if len(s) != len(v):
                 raise ValueError(f"series {name!r}: {len(s)} steps but {len(v)} values")
             arrays[name] = (s, v)
-        self._send("log_series", arrays, now)
+        for name, (s, v) in arrays.items():  # one command each: to a server, side by side
+            self._send(Session.log_series, name, s, v, now)
 
     def log_dataset(
         self, *, source: str, name: str, digest: str, context: str, n_rows: int, columns: list[str]
     ) -> None:
         """A table as a run input whose digest is the file's md5 (as in dvc.lock), described by its rows and
         columns: the table itself may be far too large to send, or not in memory at all."""
-        self._send("log_dataset", source, name, digest, context, int(n_rows), list(columns))
+        self._send(Session.log_dataset, source, name, digest, context, int(n_rows), list(columns))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top.
-
-        MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
-        self._send("log_artifact", *self._read(path), artifact_path)
+        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top. MLflow itself refuses
+        an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
+        self._send(Session.log_artifact, *self._read(path), artifact_path)
 
     def expect_model(self) -> None:  # log_model will come: the worker prepares while it has nothing else to do
-        self._send("expect_model")
+        self._send(Session.expect_model)
 
     def log_model(
         self,
@@ -300,37 +296,8 @@ class Tracker:
         feature columns, with rows of them as its input example; registered_name: a model to add a version to;
         step: the metrics logged at this step go with the model."""
         rows = np.asarray(example, dtype=np.float64).reshape(-1, len(columns)).tolist()
-        self._send("log_model", self._read(weights)[1], list(columns), rows, registered_name, int(step))
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming it, when a tracking server does not answer (MLflow's client retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            response.read()
-    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
-        why = f"is not reachable ({getattr(e, 'reason', e)}); start it or unset MLFLOW_TRACKING_URI"
-        raise TrackingError(f"MLflow tracking server {uri} {why} to use the project's own store") from None
-
-
-def tracking_on() -> bool:
-    """False under PIPELINE_TRACKING=off: nothing is logged, and nothing reads a store either."""
-    return os.environ.get("PIPELINE_TRACKING", "on") != "off"
-
-
-def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> Tracker:
-    """A Tracker whose worker is starting already: it opens the store (and makes the experiment) at the first
-    command. enabled=False (a torchrun rank but 0) or PIPELINE_TRACKING=off: the calls go nowhere, for machines
-    without a store and for timing what tracking costs (benchmarks/bench.py)."""
-    if not enabled or not tracking_on():
-        return Tracker("(tracking off)", "", channel=Offline)
-    uri = tracking_uri(root or project_root())
-    check_reachable(uri)
-    tracker = Tracker(uri, experiment)
-    tracker.start()
-    return tracker
+        content = self._read(weights)[1]
+        self._send(Session.log_model, content, list(columns), rows, self._params, registered_name, int(step))
 
 
 if __name__ == "__main__":

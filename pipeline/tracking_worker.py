@@ -1,12 +1,13 @@
 """The tracking worker: the one process that imports MLflow, started by `pipeline.tracking.Worker`.
 
-It imports MLflow at once, opens the store at the stage's first command (a stage that stops before sending any
-leaves no store behind), then runs the commands in order, each a method of Session called by name. It exits when
-the run ends; if the commands end first, the stage has died without ending its run, which is marked FAILED.
+The stage sends it commands, each a Session method with its arguments. The store opens at the first one (a stage
+that stops before sending any leaves no store behind). The worker exits when the run ends; if the commands end
+first, the stage has died without ending its run, which is marked FAILED.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import logging
@@ -16,44 +17,59 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import suppress
-from functools import partial
+from contextlib import contextmanager, suppress
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline import record, tracking
+from pipeline import record
 from pipeline.errors import first_line
 
 METRICS_PER_REQUEST = 1000  # MLflow's REST limit for one log_batch
 PARAMS_PER_REQUEST = 100
-REQUESTS_IN_FLIGHT = 4  # to a tracking server, at once
+REQUESTS_IN_FLIGHT = 4  # bench P2 (team server): to a server side by side; one at a time, runs end later
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")  # what MLflow runs to load a logged model
 MODEL_REQUIREMENTS = ("numpy", "pandas", "safetensors")  # what that code imports; MLflow adds itself
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # the stage's to act on; the worker ignores them
 
-Say = Callable[[str, Any], None]  # a reply to the stage: ("run", id), ("warning", text) or ("error", text)
-Command = tuple[str, tuple[Any, ...]]  # a Session method's name and its arguments
-Inbox = queue.SimpleQueue[Command | None]  # None: the commands have ended
+Command = tuple[Callable[..., None], tuple[Any, ...], dict[str, Any]]  # a Session method and its arguments
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an absolute sqlite:/// URI, else None (a server or another backend)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix) :]) if uri.startswith(prefix) and uri[len(prefix) :].startswith("/") else None
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store: concurrent schema migrations of a new database file fail."""
+    if (db := sqlite_path(uri)) is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class Session:
-    """One store, one experiment and at most one run; the stage's commands are its public methods."""
+    """One store, one experiment and at most one run. Its public methods are the commands the stage sends."""
 
-    def __init__(self, uri: str, experiment: str, say: Say) -> None:
-        """Open the store, creating it and the experiment on first use."""
+    def __init__(self, uri: str, experiment: str, say: Callable[[str, Any], None]) -> None:
+        """Open the store, creating it and the experiment on first use. say(kind, value) replies to the stage."""
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         self.uri, self.say = uri, say
-        with tracking.store_lock(uri):  # the client opens the store: when MLflow migrates a new database
+        with store_lock(uri):  # the client opens the store: when MLflow migrates a new database
             self.client = MlflowClient(tracking_uri=uri)
             # In a SQLite store's folder, not in ./mlruns (for a queued DVC experiment, a temporary copy).
-            db = tracking.sqlite_path(uri)
-            location = (db.parent / "artifacts").as_uri() if db else None
+            location = (db.parent / "artifacts").as_uri() if (db := sqlite_path(uri)) else None
             kind = {record.EXPERIMENT_KIND_TAG: record.EXPERIMENT_KIND}
             try:
                 found = self.client.get_experiment_by_name(experiment)
@@ -66,29 +82,20 @@ class Session:
                 self.experiment_id = found.experiment_id
             if found is not None and record.EXPERIMENT_KIND_TAG not in found.tags:  # made before the project set it
                 self.client.set_experiment_tag(self.experiment_id, *kind.popitem())
-        self.run_id = ""  # until start
-        self.ended = False
-        # A server takes requests side by side (`mlflow server` runs 4 workers); an embedded store gains nothing
-        # from threads (its cost is Python in this very process), so it gets its calls in turn.
+        self.run_id, self.ended = "", False
+        self.prepare = False  # for log_model, once no command is waiting
+        # An embedded store gains nothing from threads: its cost is Python in this very process.
         self.pool = ThreadPoolExecutor(REQUESTS_IN_FLIGHT) if uri.startswith(("http://", "https://")) else None
-        self.pending: list[Future[object]] = []
-        self.idle: list[Callable[[], object]] = []  # work to do whenever no command is waiting
-        self.params: dict[str, str] = {}  # the run's, as logged: the logged model records them too
+        self.pending: list[Future[None]] = []
 
-    def _request(self, call: Callable[..., object], *args: Any) -> None:
-        """One logging call: now, or for a server in the pool. Logging calls touch different rows, so their order
-        does not matter; _drain() waits for them all before what does (finding or ending a run)."""
-        if self.pool is None:
-            call(*args)
+    def call(self, command: Command) -> None:
+        """Run a command now or, against a server once the run exists, in the pool: logging calls touch different
+        rows, so their order does not matter, and end() waits for them all."""
+        method, args, kwargs = command
+        if self.pool is None or not self.run_id:
+            method(self, *args, **kwargs)
         else:
-            self.pending.append(self.pool.submit(call, *args))
-
-    def _drain(self) -> None:
-        pending, self.pending = self.pending, []
-        for future in pending:
-            future.result()  # the first that failed raises here
-
-    # The run.
+            self.pending.append(self.pool.submit(method, self, *args, **kwargs))
 
     def open_store(self) -> None:  # nothing more: the store is open by the time any command runs
         pass
@@ -105,50 +112,37 @@ class Session:
         self.say("run", self.run_id)
 
     def end(self, status: str) -> None:
-        self._drain()
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()  # the first that failed raises here
         self.client.set_terminated(self.run_id, status)
         self.ended = True
-
-    def _abandon(self) -> None:
-        """Mark an open run FAILED: its stage failed or died."""
-        if self.run_id and not self.ended:
-            try:
-                self.end("FAILED")
-            except Exception as e:  # the failure that brought us here is the one to report
-                print(f"tracking worker: could not mark MLflow run {self.run_id} FAILED: {e}", file=sys.stderr)
-
-    # Logging: no answers.
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        self.params |= params
         for batch in chunks([Param(k, v) for k, v in params.items()], PARAMS_PER_REQUEST):
-            self._request(partial(self.client.log_batch, self.run_id, params=batch))
+            self.client.log_batch(self.run_id, params=batch)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
         for batch in chunks([RunTag(k, v) for k, v in tags.items()], PARAMS_PER_REQUEST):
-            self._request(partial(self.client.log_batch, self.run_id, tags=batch))
+            self.client.log_batch(self.run_id, tags=batch)
 
-    def log_series(self, series: dict[str, tuple[np.ndarray, np.ndarray]], timestamp: int) -> None:
-        """1000 points per request, not one per point. Each series is one _request, its batches in order, so no
-        two requests in flight update the same latest value."""
+    def log_series(self, name: str, steps: np.ndarray, values: np.ndarray, timestamp: int) -> None:
+        """One series, its requests in turn: no two in flight update its latest value."""
         from mlflow.entities import Metric
 
-        for name, (steps, values) in series.items():
-            points = [Metric(name, v, timestamp, s) for s, v in zip(steps.tolist(), values.tolist(), strict=True)]
-            self._request(self._log_batches, self.run_id, chunks(points, METRICS_PER_REQUEST))
-
-    def _log_batches(self, run_id: str, batches: list[list[Any]]) -> None:
-        for batch in batches:
-            self.client.log_batch(run_id, metrics=batch)
+        points = [Metric(name, v, timestamp, s) for s, v in zip(steps.tolist(), values.tolist(), strict=True)]
+        for batch in chunks(points, METRICS_PER_REQUEST):
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def log_dataset(self, source: str, name: str, digest: str, context: str, n_rows: int, columns: list[str]) -> None:
         """The entry mlflow.data.from_pandas(...) makes for a table of float32 columns (pipeline/data.py), from
         its description alone (tests/test_tracking.py compares the two)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
         from mlflow.types import ColSpec, DataType, Schema
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -156,54 +150,45 @@ class Session:
         profile = json.dumps({"num_rows": n_rows, "num_elements": n_rows * len(columns)})
         entry = Dataset(name, digest, "local", json.dumps({"uri": source}), schema=schema, profile=profile)
         inputs = [DatasetInput(entry, [InputTag(MLFLOW_DATASET_CONTEXT, context)])]
-        self._request(self._log_inputs, self.run_id, inputs)
-
-    def _log_inputs(self, run_id: str, inputs: list[Any]) -> None:
-        """MLflow's store looks for the experiment's dataset, then inserts it when missing: two runs logging one
-        table at once (a sweep's stages) can both miss it, and the second insert then breaks the key. Its
-        transaction is rolled back, and the one retry finds the row (tests/test_team_server.py)."""
-        from mlflow.exceptions import MlflowException
-
+        # Two runs can insert one new dataset at once (tests/test_team_server.py): the second breaks the key and is
+        # rolled back, and one retry finds the row.
         try:
-            self.client.log_inputs(run_id, inputs)
+            self.client.log_inputs(self.run_id, inputs)
         except MlflowException as e:
             said = str(e).lower()
             if "dataset" not in said or not any(w in said for w in ("unique", "duplicate")):
                 raise
-            self.client.log_inputs(run_id, inputs)
+            self.client.log_inputs(self.run_id, inputs)
 
     def log_artifact(self, name: str, content: bytes, artifact_path: str | None) -> None:
-        self._request(self._log_file, self.run_id, name, content, artifact_path)
-
-    def _log_file(self, run_id: str, name: str, content: bytes, artifact_path: str | None) -> None:
         with tempfile.TemporaryDirectory(prefix="pipeline-artifact-") as folder:  # MLflow logs files by name
             (path := Path(folder, name)).write_bytes(content)
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def expect_model(self) -> None:
-        self.idle.append(prepare_model_logging)  # done while the stage trains
+    def expect_model(self) -> None:  # bench P1, P2: log_model's first steps, done while the stage trains
+        self.prepare = True
 
     def log_model(
-        self, weights: bytes, columns: list[str], rows: list[list[float]], name: str | None, step: int
+        self,
+        weights: bytes,
+        columns: list[str],
+        rows: list[list[float]],
+        params: dict[str, str],
+        name: str | None,
+        step: int,
     ) -> None:
-        self._request(self._log_model, self.run_id, weights, columns, rows, name, step)
+        """The pyfunc model of pipeline/mlflow_model.py, with the run's params, as the run's output at `step`.
 
-    def _log_model(
-        self, run_id: str, weights: bytes, columns: list[str], rows: list[list[float]], name: str | None, step: int
-    ) -> None:
-        """The pyfunc model of pipeline/mlflow_model.py, as the run's output at `step`.
-
-        It takes doubles (float32 would refuse a DataFrame of plain Python floats) and gives one float32 per row;
-        its requirements are pinned here, as inferring them takes MLflow seconds. It is created with the run as
-        its source and logged without a run: given one, Model.log reads back every metric's whole history.
-        """
+        It takes doubles (float32 would refuse a DataFrame of plain Python floats) and gives one float32 per row.
+        Its requirements are pinned: MLflow would infer them by loading the model in a new process. It is logged
+        without a run, as a run's output: given a run, Model.log reads back every metric's whole history."""
         import mlflow.pyfunc
         import pandas as pd
         from mlflow.entities import LoggedModelOutput
         from mlflow.models import Model, ModelSignature
         from mlflow.types import ColSpec, DataType, Schema
 
-        model = self.client.create_logged_model(self.experiment_id, "model", source_run_id=run_id, params=self.params)
+        model = self.client.create_logged_model(self.experiment_id, "model", source_run_id=self.run_id, params=params)
         inputs, outputs = Schema([ColSpec(DataType.double, c) for c in columns]), Schema([ColSpec(DataType.float)])
         with tempfile.TemporaryDirectory(prefix="pipeline-model-") as folder:
             (path := Path(folder, "model.safetensors")).write_bytes(weights)
@@ -219,7 +204,7 @@ class Session:
                 pip_requirements=model_requirements(),
                 registered_model_name=name,
             )
-        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=step)])
 
 
 def find_run(client: Any, experiment_id: str, model_md5: str) -> str | None:
@@ -233,16 +218,6 @@ def chunks(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def prepare_model_logging() -> None:
-    """What log_model would spend its first fraction of a second on: MLflow's pyfunc modules, and checking the
-    pinned requirements against what is installed (MLflow maps every installed package at its first check)."""
-    import mlflow.pyfunc  # noqa: F401
-    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
-
-    warn_dependency_requirement_mismatches(model_requirements())
-    gc.freeze()  # what this imported, too
-
-
 def model_requirements() -> list[str]:
     """name==version of what the model's code imports, as installed here (without a local label: +cpu)."""
     from importlib.metadata import version
@@ -250,40 +225,38 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
 
 
-def read_commands(commands: Connection, inbox: Inbox) -> None:
-    """Commands into memory as they come, so that the stage never waits on a full pipe; then None for their end
-    (the stage closed its end, or died, maybe while sending one)."""
-    with suppress(Exception):
-        while True:
-            inbox.put(commands.recv())
-    inbox.put(None)
+def prepare_model_logging() -> None:
+    """MLflow's pyfunc modules, and the check of the pinned requirements against what is installed (MLflow maps
+    every installed package at its first check)."""
+    import mlflow.pyfunc  # noqa: F401
+    from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+
+    warn_dependency_requirement_mismatches(model_requirements())
 
 
 def preload(uri: str) -> None:
-    """The slow part of the start-up, while the stage imports its own libraries: MLflow's client and, for a
-    database, its SQLAlchemy store (not opened yet)."""
+    """bench P1: the slow part of the start-up, while the stage imports its own libraries: MLflow's client and,
+    for a database, its SQLAlchemy store (not opened yet)."""
     from mlflow.tracking import MlflowClient  # noqa: F401
 
     if uri.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "mysql", "mssql"):
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    # log_model's chatter (a progress bar for a local copy, a line per check) would land in the stage's output.
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
-    gc.freeze()  # MLflow's objects live as long as this process: keep them out of every full collection
+    gc.freeze()  # bench P2 (sqlite): MLflow's objects live as long as this process: keep them out of collections
 
 
-def serve(session: Session, first: Command, inbox: Inbox) -> bool:
-    """Run `first`, then the commands in order, until "end" (True) or the end of the commands (False)."""
+def serve(session: Session, first: Command, inbox: queue.SimpleQueue[Command | None]) -> None:
+    """Run `first`, then the commands in order, until the run's end or the end of the commands (None)."""
     command: Command | None = first
     while command is not None:
-        name, args = command
-        getattr(session, name)(*args)
-        if name == "end":
-            return True
-        while session.idle and inbox.empty():
-            session.idle.pop(0)()
+        if command[0] is Session.end:  # once all the others are done
+            return session.end(*command[1])
+        session.call(command)
+        if session.prepare and inbox.empty():  # nothing to do meanwhile: the stage is training
+            session.prepare = False
+            prepare_model_logging()
         command = inbox.get()
-    return False
+    if session.run_id:
+        print(f"tracking worker: the stage ended without ending MLflow run {session.run_id}", file=sys.stderr)
 
 
 def main(uri: str, experiment: str, commands: Connection, replies: Connection) -> None:
@@ -291,7 +264,7 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
     # to the group ends the stage; staying alive until its commands end, we log what it sent and mark it FAILED.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, tracking.STOP_SIGNALS)  # blocked by the stage until now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the stage until now
     # Where Model.log looks for the store. Not mlflow.set_tracking_uri(): that restarts MLflow's tracing too.
     os.environ["MLFLOW_TRACKING_URI"] = uri
     # A server that goes away: MLflow's client retries 7 times with backoff doubling from 2 s, minutes in all.
@@ -299,29 +272,43 @@ def main(uri: str, experiment: str, commands: Connection, replies: Connection) -
     # down fails the stage within a minute. Either can be set otherwise.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    # log_model's chatter (a progress bar for a local copy, a line per check) would land in the stage's output.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.WARNING)
     os.dup2(2, 1)  # what MLflow prints goes to the stage's stderr, not into the stage's own output
 
-    def say(kind: str, value: Any) -> None:
+    def say(kind: str, value: Any) -> None:  # ("run", id), ("warning", text) or ("error", text)
         with suppress(OSError):  # BrokenPipeError: the stage has gone, and there is nobody left to tell
             replies.send((kind, value))
 
-    inbox: Inbox = queue.SimpleQueue()
-    threading.Thread(target=read_commands, args=(commands, inbox), daemon=True).start()
+    # The commands, read into memory as they come, then None for their end (the stage closed its end, or died).
+    # No bench row needs this thread, but the stage's calls return at once even while this process cannot open
+    # the store, as tests/test_tracking.py's test_calls_return_while_the_worker_cannot_even_open_the_store holds.
+    inbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+
+    def read_commands() -> None:
+        with suppress(Exception):
+            while True:
+                inbox.put(commands.recv())
+        inbox.put(None)
+
+    threading.Thread(target=read_commands, daemon=True).start()
     session, status = None, 0
     try:
         preload(uri)
         # The store opens at the first command: a stage that fails its own checks first creates no store.
         if (first := inbox.get()) is not None:
             session = Session(uri, experiment, say)
-            if not serve(session, first, inbox) and session.run_id:
-                print(f"tracking worker: the stage ended without ending MLflow run {session.run_id}", file=sys.stderr)
-                session._abandon()
+            serve(session, first, inbox)
     except Exception as e:
         say("error", first_line(e))
-        if session is not None:
-            session._abandon()
         status = 1
-    # Everything is committed. A normal exit would spend a second finalising MLflow's modules; the stage waits.
+    if session is not None and session.run_id and not session.ended:  # the stage failed or died, or this process
+        try:
+            session.end("FAILED")
+        except Exception as e:  # the failure that brought us here is the one to report
+            print(f"tracking worker: could not mark MLflow run {session.run_id} FAILED: {e}", file=sys.stderr)
+    # Everything is committed: exit now, without the teardown of MLflow's modules nor its exit handlers.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -7,7 +7,6 @@ in the stage tier.
 
 from __future__ import annotations
 
-import ast
 import fcntl
 import logging
 import os
@@ -145,7 +144,8 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
         log_batch(run_id, metrics=metrics, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(session.client, "log_batch", counting)
-    session.log_series({"a": (np.arange(1250), np.zeros(1250)), "b": (np.arange(1250), np.ones(1250))}, 0)
+    session.log_series("a", np.arange(1250), np.zeros(1250), 0)
+    session.log_series("b", np.arange(1250), np.ones(1250), 0)
     session.end("FINISHED")
     assert calls == [1000, 250, 1000, 250]  # each request holds one series
     assert len(MlflowClient(session.uri).get_metric_history(session.run_id, "b")) == 1250
@@ -354,7 +354,6 @@ def test_tracking_off_starts_no_worker_and_logs_nothing(root: Path, monkeypatch:
     def no_process(*args: object, **kwargs: object) -> None:
         raise AssertionError("a process was started")
 
-    # On the class itself: Tracker's default channel is bound to it when the module loads.
     monkeypatch.setattr(tracking.Worker, "__init__", no_process)
     tracker = tracking.connect("t", root)
     with tracker.run(attach_to_model="m"):
@@ -427,23 +426,3 @@ def test_series_sent_to_a_tracking_server_side_by_side_arrive_whole(
             tracker.log_params({"p": 2})  # MLflow refuses to change a logged param
         assert str(raised.value).startswith(f"MLflow store {tracker.uri}: ") and "\n" not in str(raised.value)
         assert client.get_run(run.run_id or "").info.status == "FAILED"
-
-
-def test_every_command_the_stage_sends_is_a_method_of_the_workers_session() -> None:
-    # The stage names each command by a string; the worker calls the Session method of that name.
-    tree = ast.parse(Path(tracking.__file__).read_text())
-    sent = {
-        call.args[0].value
-        for call in ast.walk(tree)
-        if isinstance(call, ast.Call)
-        and isinstance(call.func, ast.Attribute)
-        and call.func.attr in ("_send", "send")
-        and call.args
-        and isinstance(call.args[0], ast.Constant)
-        and isinstance(call.args[0].value, str)
-    }
-    commands = {n for n, f in vars(tracking_worker.Session).items() if callable(f) and not n.startswith("_")}
-    assert {"start", "log_params", "log_model", "open_store"} <= sent
-    assert sent <= commands, sent - commands
-    # What the worker serves but no stage sends: "end" comes from Worker.end itself.
-    assert commands - sent == {"end"}
