@@ -33,10 +33,19 @@ from tests.helpers import REPO, free_port, mlflow_server, telemetry_env
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder with no store yet: for the tests of a store's first use, or of none."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PIPELINE_TRACKING", raising=False)
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     return tmp_path
+
+
+@pytest.fixture
+def stored(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project folder whose store is made already (conftest.py): the tests of what a run logs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("PIPELINE_TRACKING", raising=False)
+    return project
 
 
 def client_for(tracker: tracking.Tracker) -> MlflowClient:
@@ -118,8 +127,8 @@ def test_importing_the_package_turns_mlflow_telemetry_off_unless_the_user_turned
 
 
 @pytest.mark.stage
-def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path) -> None:
-    tracker = tracking.connect("t", root)
+def test_series_are_read_back_exactly_with_artifacts_beside_the_store(stored: Path) -> None:
+    tracker = tracking.connect("t", stored)
     steps = list(range(1250))
     with tracker.run() as run:
         tracker.log_series({"a": (steps, [0.5 * s for s in steps]), "b": (np.arange(1250), np.full(1250, -1.0))})
@@ -129,12 +138,12 @@ def test_series_are_read_back_exactly_with_artifacts_beside_the_store(root: Path
         (s, 0.5 * s) for s in steps
     ]
     assert len(client.get_metric_history(run.run_id, "b")) == 1250
-    assert client.get_experiment_by_name("t").artifact_location == (root / "mlruns" / "artifacts").as_uri()
+    assert client.get_experiment_by_name("t").artifact_location == (stored / "mlruns" / "artifacts").as_uri()
 
 
-def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_series_go_to_the_store_in_batches_of_1000_points(stored: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The worker's session, run here in-process so that its client's requests can be counted.
-    session = tracking_worker.Session(tracking.default_uri(root), "t", say=lambda kind, value: None)
+    session = tracking_worker.Session(tracking.default_uri(stored), "t", say=lambda kind, value: None)
     session.start(None, None, {})
     calls: list[int] = []
     log_batch = session.client.log_batch
@@ -152,23 +161,23 @@ def test_series_go_to_the_store_in_batches_of_1000_points(root: Path, monkeypatc
 
 
 @pytest.mark.stage
-def test_the_experiment_is_marked_for_model_training_when_made_and_when_found_without_it(root: Path) -> None:
+def test_the_experiment_is_marked_for_model_training_when_made_and_when_found_without_it(stored: Path) -> None:
     kind = ("mlflow.experimentKind", "custom_model_development")  # the value MLflow's UI bundle tests for
-    tracker = tracking.connect("t", root)
+    tracker = tracking.connect("t", stored)
     with tracker.run():
         pass
     client = client_for(tracker)
     assert kind in client.get_experiment_by_name("t").tags.items()
     older = client.create_experiment("older")  # as MLflow makes one: without the tag
     assert kind[0] not in client.get_experiment(older).tags
-    with tracking.connect("older", root).run():
+    with tracking.connect("older", stored).run():
         pass
     assert kind in client.get_experiment(older).tags.items()
 
 
 @pytest.mark.stage
-def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> None:
-    tracker = tracking.connect("t", root)
+def test_run_ends_failed_when_the_body_raises_and_is_not_found(stored: Path) -> None:
+    tracker = tracking.connect("t", stored)
     with pytest.raises(RuntimeError), tracker.run() as run:
         tracker.set_tags({record.MODEL_TAG: "abc"})
         raise RuntimeError("boom")
@@ -177,8 +186,8 @@ def test_run_ends_failed_when_the_body_raises_and_is_not_found(root: Path) -> No
 
 
 @pytest.mark.stage
-def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
-    tracker = tracking.connect("t", root)
+def test_ctrl_c_ends_the_run_killed(stored: Path) -> None:
+    tracker = tracking.connect("t", stored)
     with pytest.raises(KeyboardInterrupt), tracker.run() as run:
         tracker.log_params({"a": 1})
         pid = tracker.start().pid
@@ -192,9 +201,9 @@ def test_ctrl_c_ends_the_run_killed(root: Path) -> None:
 
 @pytest.mark.stage
 def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
-    root: Path, caplog: pytest.LogCaptureFixture
+    stored: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = tracking.connect("t", root)
+    tracker = tracking.connect("t", stored)
     ids = []
     for _ in range(2):
         with tracker.run() as run:
@@ -216,9 +225,9 @@ def test_find_run_and_attach_to_model_pick_the_newest_finished_run(
 
 @pytest.mark.stage
 def test_attach_to_an_unknown_model_starts_a_tagged_run_with_a_warning(
-    root: Path, caplog: pytest.LogCaptureFixture
+    stored: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = tracking.connect("t", root)
+    tracker = tracking.connect("t", stored)
     with (
         caplog.at_level(logging.WARNING, "pipeline"),
         tracker.run(attach_to_model="nope", tags_if_new={"origin": "evaluate"}) as run,
@@ -261,12 +270,12 @@ def test_calls_return_while_the_worker_cannot_even_open_the_store(root: Path) ->
 
 
 @pytest.mark.stage
-def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> None:
-    replaced, deleted = root / "replaced.txt", root / "gone" / "deleted.txt"
+def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(stored: Path) -> None:
+    replaced, deleted = stored / "replaced.txt", stored / "gone" / "deleted.txt"
     deleted.parent.mkdir()
     replaced.write_text("as logged")
     deleted.write_text("as logged too")
-    tracker = tracking.connect("t", root)
+    tracker = tracking.connect("t", stored)
     with tracker.run() as run:
         tracker.log_artifact(replaced)
         tracker.log_artifact(deleted, "sub")
@@ -279,20 +288,20 @@ def test_an_artifact_keeps_what_the_file_held_when_it_was_logged(root: Path) -> 
 
 
 @pytest.mark.stage
-def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(root: Path) -> None:
-    tracker = tracking.connect("t", root)
+def test_a_missing_artifact_file_is_a_tracking_error_at_the_call(stored: Path) -> None:
+    tracker = tracking.connect("t", stored)
     with pytest.raises(TrackingError, match=r"cannot log .*none\.txt: No such file"), tracker.run() as run:
-        tracker.log_artifact(root / "none.txt")
+        tracker.log_artifact(stored / "none.txt")
     assert run.run_id is not None and client_for(tracker).get_run(run.run_id).info.status == "FAILED"
 
 
 @pytest.mark.stage
-def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path) -> None:
+def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(stored: Path) -> None:
     table = pd.DataFrame({"x1": np.arange(7.0), "x2": np.ones(7), "y": np.linspace(0, 1, 7)}).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's warning that a local path could be two kinds of source
         oracle = from_pandas(table, source="data/generated/train.parquet", name="train", digest="d41d8", targets="y")
-    tracker = tracking.connect("t", root)
+    tracker = tracking.connect("t", stored)
     with tracker.run() as run:
         tracker.log_dataset(
             source="data/generated/train.parquet",
@@ -310,8 +319,8 @@ def test_the_dataset_entry_is_the_one_mlflow_makes_from_the_dataframe(root: Path
 
 
 @pytest.mark.stage
-def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(root: Path) -> None:
-    tracker = tracking.connect("t", root)
+def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(stored: Path) -> None:
+    tracker = tracking.connect("t", stored)
     with pytest.raises(TrackingError) as raised, tracker.run() as run:
         tracker.log_params({"a": 1})
         tracker.log_params({"a": 2})  # MLflow refuses to change a logged param
@@ -322,8 +331,8 @@ def test_a_refused_call_is_a_one_line_error_naming_the_store_and_fails_the_run(r
 
 
 @pytest.mark.stage
-def test_a_worker_that_dies_is_a_one_line_error_naming_the_store(root: Path) -> None:
-    tracker = tracking.connect("t", root)
+def test_a_worker_that_dies_is_a_one_line_error_naming_the_store(stored: Path) -> None:
+    tracker = tracking.connect("t", stored)
     with pytest.raises(TrackingError) as raised, tracker.run():
         tracker.log_params({"a": 1})
         pid = tracker.start().pid
