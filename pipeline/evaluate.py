@@ -152,7 +152,6 @@ def evaluate(args: argparse.Namespace) -> None:
         if train.moments.k != k or test.moments.k != k:
             raise DataError(f"{args.model}: has {k} weight(s), the tables have {train.moments.k} feature column(s)")
         trajectory, report = data.read_trajectory(args.trajectory, k), read_json(args.train_metrics)
-        tracker.open()  # the inputs are fine: the worker may open the store while the closed form and plots run
 
         closed, sklearn_gap = reference_fit(args.train_data, train.moments)  # reads the table for scikit-learn
         metrics = compute_metrics(g, learned, closed, train.moments, test.moments)

@@ -203,9 +203,6 @@ class Tracker:
             channel, self._channel = self._channel, None
             channel.close()
 
-    def open(self) -> None:  # let the worker open the store now (as at any first command), without waiting
-        self.start().send((Session.open_store, (), {}))
-
     @contextmanager
     def run(
         self, run_name: str | None = None, attach_to_model: str | None = None, tags_if_new: dict[str, str] | None = None

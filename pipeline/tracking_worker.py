@@ -97,9 +97,6 @@ class Session:
         else:
             self.pending.append(self.pool.submit(method, self, *args, **kwargs))
 
-    def open_store(self) -> None:  # nothing more: the store is open by the time any command runs
-        pass
-
     def start(self, run_name: str | None, attach_to_model: str | None, tags_if_new: dict[str, str]) -> None:
         """Create the run, or reopen the newest finished one that trained `attach_to_model`."""
         found = None if attach_to_model is None else find_run(self.client, self.experiment_id, attach_to_model)

@@ -4,7 +4,7 @@ the stage never runs does not.
 What a stage runs is derived statically, with `ast`: the closure of its `python -m pipeline.<module>` over the
 package's imports, module level or inside functions (the stages import lazily), but not those under
 `if TYPE_CHECKING:`, which never execute. Code started by name or loaded by path counts too: a string constant
-that is exactly a module's name ("pipeline.tracking_worker", which tracking.py runs as `python -m`) or a file's
+that is exactly a module's name (as `python -m` or multiprocessing would start it) or a file's
 name ("mlflow_model.py", which the tracking worker hands to MLflow to execute). Whole strings only, so prose that
 mentions a module (docstrings, messages) adds nothing.
 """
