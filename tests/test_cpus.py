@@ -46,8 +46,8 @@ CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "compiled": {"generate": {"n_samples": 5000}, "train": {"compile": "on", "epochs": 20}},
 }
-# Emulated, evaluate runs on these two only: its code paths do not depend on how the model was trained, and
-# drawing its plots is most of an emulated configuration's time. The others run generate and train there.
+# Emulated, evaluate runs on these two only: its code paths do not depend on how the model was trained, and it
+# is most of an emulated configuration's time (docs/performance.md). The others run generate and train there.
 EVALUATED = ("defaults", "features3_momentum_batches")
 
 
