@@ -69,14 +69,15 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
             ).fetchone()
             assert weights == (cfg.train.epochs + 1,)
         # gunicorn serves it (uvicorn's workers stall kept-alive requests), with MLflow's protections still on:
-        # a foreign Host header (DNS rebinding) and a foreign page's request (CORS) are refused.
+        # a foreign Host header (DNS rebinding) and a foreign page's request (CORS) are refused. Each refusal is
+        # made on a connection of its own: after refusing a POST whose body the app never read, gunicorn 26.2
+        # sometimes closes that connection unannounced (1 in 200 here), and only a client that reuses it notices.
         search = f"{api}/experiments/search"
-        with requests.Session() as session:
-            assert session.get(f"{uri}/health").headers["Server"].startswith("gunicorn")
-            assert session.get(f"{search}?max_results=1", headers={"Host": "evil.example.com"}).status_code == 403
-            foreign = session.post(search, json={"max_results": 1}, headers={"Origin": "http://evil.example.com"})
-            assert foreign.status_code == 403
-            assert session.post(search, json={"max_results": 1}).status_code == 200  # the control
+        assert requests.get(f"{uri}/health").headers["Server"].startswith("gunicorn")
+        assert requests.get(f"{search}?max_results=1", headers={"Host": "evil.example.com"}).status_code == 403
+        foreign = requests.post(search, json={"max_results": 1}, headers={"Origin": "http://evil.example.com"})
+        assert foreign.status_code == 403
+        assert requests.post(search, json={"max_results": 1}).status_code == 200  # the control
         # PostgreSQL restarted under the running server, between two halves of a run's series: the request that
         # meets a dead pooled connection fails, MLflow's client retries it, and nothing is lost.
         steps = np.arange(3000)
