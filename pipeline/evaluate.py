@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: learned model vs scikit-learn's closed form -> metrics JSON, PNG plots, same MLflow run."""
+"""DVC stage `evaluate`: learned model vs scikit-learn's closed form -> metrics JSON, the held-out loss per epoch,
+PNG plots, same MLflow run."""
 
 from __future__ import annotations
 
@@ -138,6 +139,23 @@ def compute_metrics(
     }
 
 
+def held_out_loss(trajectory: dict[str, np.ndarray], init: dict[str, float], test: theory.Moments) -> np.ndarray:
+    """The test MSE of each epoch, at the parameters its training loss was measured at: the start for epoch 1, then
+    those the trajectory records after the epoch before (with mini-batches the training loss is the mean over
+    the epoch's moving parameters, so the two differ by the epoch's progress). From the moments: no pass over the
+    table, and the same bytes on any CPU. Shown beside the training loss; nothing is decided from it."""
+    names = [*weight_names(test.k), "bias"]
+    start = np.array([init[n] for n in names], dtype=np.float64)
+    after = np.column_stack([trajectory[n] for n in names]).astype(np.float64)
+    before = np.vstack([start, after[:-1]])
+    return np.array([test.mse(LineFit(weights=p[:-1], bias=float(p[-1]))) for p in before])
+
+
+def curve_csv(epochs: np.ndarray, values: np.ndarray, name: str) -> str:
+    """`epoch,<name>` rows, each value in Python's shortest round-trip form (its exact float64)."""
+    return f"epoch,{name}\n" + "".join(f"{int(e)},{float(v)!r}\n" for e, v in zip(epochs, values, strict=True))
+
+
 def evaluate(args: argparse.Namespace) -> None:
     cfg = config.load(args.params)
     g = cfg.generate
@@ -155,14 +173,16 @@ def evaluate(args: argparse.Namespace) -> None:
 
         closed, sklearn_gap = reference_fit(args.train_data, train.moments)  # reads the table for scikit-learn
         metrics = compute_metrics(g, learned, closed, train.moments, test.moments)
+        test_loss = held_out_loss(trajectory, report["init"], test.moments)
         lines = {"learned": learned, "closed form": closed, "true": LineFit(np.asarray(g.true_weights), g.b_true)}
-        pngs = plots.figures(train.moments, train.sample, test.sample, trajectory, report, lines)
-        write_outputs(args, metrics, pngs)
+        pngs = plots.figures(train.moments, train.sample, test.sample, trajectory, test_loss, report, lines)
+        write_outputs(args, metrics, curve_csv(trajectory["epoch"], test_loss, "test_loss"), pngs)
 
         # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
         model_md5, data_md5 = md5_file(args.model), md5_file(args.train_data)
         with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags()):
             tracker.log_metrics(record.eval_metrics(metrics, sklearn_gap))
+            tracker.log_series({"test_loss": (trajectory["epoch"], test_loss)})  # beside train's `loss`, step = epoch
             tracker.set_tags({record.NOTE_TAG: record.description(metrics, report, data_md5, model_md5)})
             tracker.log_artifact(args.metrics)
             for name in pngs:
@@ -170,9 +190,10 @@ def evaluate(args: argparse.Namespace) -> None:
     show(lines, k)
 
 
-def write_outputs(args: argparse.Namespace, metrics: dict[str, Any], pngs: dict[str, bytes]) -> None:
-    """metrics.json and the PNGs, each written atomically."""
+def write_outputs(args: argparse.Namespace, metrics: dict[str, Any], test_loss: str, pngs: dict[str, bytes]) -> None:
+    """metrics.json, the test-loss CSV and the PNGs, each written atomically."""
     write_text_atomic(args.metrics, json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(args.test_loss, test_loss)
     for name, png in pngs.items():
         write_bytes_atomic(Path(args.plots) / name, png)
 
@@ -191,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--trajectory", required=True, help="per-epoch trajectory (CSV)")
     p.add_argument("--train-metrics", required=True, help="the train stage's metrics (JSON)")
     p.add_argument("--metrics", required=True, help="metrics JSON to write")
+    p.add_argument("--test-loss", required=True, help="the test loss per epoch, CSV to write")
     p.add_argument("--plots", required=True, help="folder for the PNG plots")
     return cli.run("evaluate", evaluate, p.parse_args(argv))
 

@@ -56,12 +56,14 @@ def fit_plot(X: np.ndarray, y: np.ndarray, Xt: np.ndarray, yt: np.ndarray, lines
     return _png(fig)
 
 
-def loss_plot(epochs: np.ndarray, loss: np.ndarray, floor: float) -> bytes:
-    """Training loss per epoch on a log scale, with the closed form's loss as the floor it approaches."""
+def loss_plot(epochs: np.ndarray, loss: np.ndarray, test_loss: np.ndarray, floor: float) -> bytes:
+    """Training and test loss per epoch on a log scale, with the closed form's training loss as the floor the
+    first approaches; the gap between the two curves is how much worse the line does on rows it never saw."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     ax.plot(epochs, loss, lw=1.5, label="training loss (MSE)")
-    ax.axhline(floor, color="k", ls="--", lw=1, label=f"closed-form MSE = {floor:.6g}")
+    ax.plot(epochs, test_loss, lw=1.5, color="tab:orange", label="test loss (MSE, held-out rows)")
+    ax.axhline(floor, color="k", ls="--", lw=1, label=f"closed-form training MSE = {floor:.6g}")
     ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel="MSE", title="Loss per epoch")
     ax.legend(fontsize=8)
@@ -142,10 +144,12 @@ def figures(
     train_sample: Table,
     test_sample: Table,
     trajectory: dict[str, np.ndarray],
+    test_loss: np.ndarray,
     train_metrics: dict[str, Any],
     lines: dict[str, LineFit],
 ) -> dict[str, bytes]:
-    """The evaluation's PNGs, by file name. lines: "learned", "closed form" and "true"; train_metrics: train.json."""
+    """The evaluation's PNGs, by file name. lines: "learned", "closed form" and "true"; train_metrics: train.json;
+    test_loss: the test MSE per epoch."""
     init, convergence = train_metrics["init"], train_metrics["convergence"]
     closed, true = lines["closed form"], lines["true"]
     names = weight_names(train.k)
@@ -158,7 +162,7 @@ def figures(
     distances = np.linalg.norm(np.vstack([start, params]) - closed.params(), axis=1)
     return {
         "fit.png": fit_plot(train_sample.X, train_sample.y, test_sample.X, test_sample.y, lines),
-        "loss.png": loss_plot(epochs, trajectory["loss"], train.mse(closed)),
+        "loss.png": loss_plot(epochs, trajectory["loss"], test_loss, train.mse(closed)),
         "params.png": params_plot(epochs, {n: trajectory[n] for n in [*names, "bias"]}, closed, true),
         "landscape.png": landscape_plot(train, closed, true, path_w, path_b, names[0]),
         "convergence.png": convergence_plot(

@@ -14,6 +14,7 @@ import torch
 from pipeline import config, data, evaluate, loop, plots, record, theory
 from pipeline.data import DataError
 from pipeline.theory import LineFit
+from tests.training import run
 
 
 def metrics_of(p: config.GenerateParams, learned: LineFit, train: data.Table, test: data.Table) -> dict:  # type: ignore[type-arg]
@@ -105,8 +106,8 @@ def test_model_file_with_code_in_it_is_refused_and_not_run(tmp_path: Path) -> No
 def test_plots_are_png_and_byte_stable(cfg: config.Config) -> None:
     epochs = np.arange(1, 11)
     loss = np.exp(-epochs / 3.0)
-    first = plots.loss_plot(epochs, loss, 0.01)
-    assert first.startswith(b"\x89PNG\r\n\x1a\n") and first == plots.loss_plot(epochs, loss, 0.01)
+    first = plots.loss_plot(epochs, loss, 2 * loss, 0.01)
+    assert first.startswith(b"\x89PNG\r\n\x1a\n") and first == plots.loss_plot(epochs, loss, 2 * loss, 0.01)
     line = LineFit(np.array([3.0]), 0.0)
     x = np.linspace(-1, 1, 5).reshape(-1, 1)
     assert plots.fit_plot(x, 3 * x[:, 0], x, 3 * x[:, 0], {"true": line}).startswith(b"\x89PNG")
@@ -118,6 +119,45 @@ def test_plots_are_png_and_byte_stable(cfg: config.Config) -> None:
     moments = theory.Moments.of(x, 3 * x[:, 0])
     assert plots.landscape_plot(moments, line, line, path, path / 10, "weight").startswith(b"\x89PNG")
     assert plots.convergence_plot(np.geomspace(3, 1e-5, 20), 1e-4, 0.5, 16).startswith(b"\x89PNG")
+
+
+def as_read(trajectory: loop.Trajectory) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The trajectory as evaluate reads it (the CSV's columns, in float64) and train.json's `init`."""
+    names = data.weight_names(trajectory.n_features)
+    columns = {c: trajectory.column(c).astype(np.float64) for c in data.trajectory_columns(trajectory.n_features)}
+    init = dict(zip([*names, "bias"], [*trajectory.init_weight.tolist(), trajectory.init_bias], strict=True))
+    return columns, init
+
+
+@pytest.mark.parametrize("weights", [[3.0], [3.0, -2.0, 0.5]])
+def test_the_held_out_loss_is_the_mse_of_each_epochs_starting_parameters(
+    cfg: config.Config, weights: list[float]
+) -> None:
+    g = dataclasses.replace(cfg.generate, true_weights=weights)
+    train, test = data.generate(g)
+    trajectory = run(cfg, X64=train.X.astype(np.float64), y64=train.y.astype(np.float64), epochs=30)
+    columns, init = as_read(trajectory)
+    got = evaluate.held_out_loss(columns, init, theory.Moments.of(test.X, test.y))
+    # Oracle 1: the MSE summed row by row over the test table, at the start, then after each epoch but the last.
+    X, y = test.X.astype(np.float64), test.y.astype(np.float64)
+    expected = [np.mean((X @ p[:-1] + p[-1] - y) ** 2) for p in trajectory.path().astype(np.float64)[:-1]]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # Oracle 2: the same function on the train table is the loss the training loop itself recorded (full batch:
+    # each epoch's loss is measured before its one update), to float32's precision.
+    on_train = evaluate.held_out_loss(columns, init, theory.Moments.of(train.X, train.y))
+    np.testing.assert_allclose(on_train, trajectory.column("loss"), rtol=2e-6)
+
+
+def test_the_held_out_loss_csv_reads_back_to_the_same_float64s() -> None:
+    import io
+
+    import pandas as pd
+
+    values = np.array([9.301022465333917, 0.1 + 0.2, 1e-300, 2.5])
+    text = evaluate.curve_csv(np.arange(1, 5), values, "test_loss")
+    assert text.splitlines()[:2] == ["epoch,test_loss", "1,9.301022465333917"]
+    back = pd.read_csv(io.StringIO(text), float_precision="round_trip")
+    assert back["epoch"].tolist() == [1, 2, 3, 4] and back["test_loss"].to_numpy().tobytes() == values.tobytes()
 
 
 def test_scatter_plots_draw_a_bounded_sample_of_large_data() -> None:

@@ -45,6 +45,11 @@ def test_learned_weight_within_tolerance_of_truth_and_closed_form(reproduced: Pa
     assert abs(w - 3.0) <= tolerance, f"learned weight {w} is more than {Z} standard errors ({tolerance:.4f}) from 3"
     assert abs(w - m["weight"]["closed_form"]) <= OPTIMISATION_TOL
     assert abs(m["bias"]["learned"] - m["bias"]["closed_form"]) <= OPTIMISATION_TOL
+    # The held-out curve levels off above the training loss, at the learned line's test MSE: the generalization gap.
+    test_loss = pd.read_csv(reproduced / "data/metrics/test_loss.csv")["test_loss"]
+    loss = pd.read_csv(reproduced / "data/model/trajectory.csv")["loss"]
+    assert test_loss.iloc[-1] == pytest.approx(m["test"]["mse_learned"], rel=1e-6)
+    assert test_loss.iloc[-1] > 1.2 * loss.iloc[-1] and test_loss.iloc[-1] == pytest.approx(test_loss.iloc[-2])
 
 
 def test_one_finished_mlflow_run_with_params_series_and_artifacts(reproduced: Path) -> None:

@@ -120,7 +120,7 @@ def evaluate_args(out: Path) -> list[str]:
     return [
         *("--train-data", "data/generated/train.parquet", "--test-data", "data/generated/test.parquet"),
         *("--model", f"{out}/m.safetensors", "--trajectory", f"{out}/t.csv", "--train-metrics", f"{out}/t.json"),
-        *("--metrics", f"{out}/m.json", "--plots", f"{out}/p"),
+        *("--metrics", f"{out}/m.json", "--test-loss", f"{out}/test_loss.csv", "--plots", f"{out}/p"),
     ]
 
 
@@ -255,6 +255,8 @@ def test_unreachable_tracking_server_fails_fast(reproduced: Path, tmp_path: Path
             "data/metrics/train.json",
             "--metrics",
             f"{out}/m.json",
+            "--test-loss",
+            f"{out}/test_loss.csv",
             "--plots",
             f"{out}/p",
         ],

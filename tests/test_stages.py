@@ -82,7 +82,7 @@ def test_bad_params_fail_every_stage_in_one_line_writing_nothing(
             [
                 *("--train-data", "x", "--test-data", "x", "--model", "x", "--trajectory", "x"),
                 *("--train-metrics", "x"),
-                *("--metrics", f"{out}/m.json", "--plots", f"{out}/plots"),
+                *("--metrics", f"{out}/m.json", "--test-loss", f"{out}/test_loss.csv", "--plots", f"{out}/plots"),
             ],
         ),
     ]
@@ -131,6 +131,7 @@ def run_pipeline(params: Path) -> list[int]:
     p = ["--params", str(params)]
     t = ["--model", "m/model.safetensors", "--trajectory", "m/trajectory.csv"]
     evaluate_outputs = ["--train-metrics", "metrics/train.json", "--metrics", "metrics/eval.json", "--plots", "plots"]
+    evaluate_outputs += ["--test-loss", "metrics/test_loss.csv"]
     codes = [generate.main([*p, "--train", "g/train.parquet", "--test", "g/test.parquet"])]
     codes.append(train.main([*p, "--data", "g/train.parquet", *t, "--metrics", "metrics/train.json"]))
     if codes[-1] == 0:
@@ -171,6 +172,13 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(tracked: Path) -> No
     client = MlflowClient(tracking.default_uri(tracked))
     assert len(client.get_metric_history(run.info.run_id, "batch_loss")) == 60 * 5  # 80 rows / 16 per batch
     assert len(client.get_metric_history(run.info.run_id, "weight_2")) == 61
+    # The held-out curve: the CSV evaluate wrote is the run's series, point for point, one per epoch.
+    curve = (tracked / "metrics/test_loss.csv").read_text().splitlines()
+    logged = sorted((p.step, p.value) for p in client.get_metric_history(run.info.run_id, "test_loss"))
+    assert curve[0] == "epoch,test_loss" and logged == [
+        (int(e), float(v)) for e, v in (r.split(",") for r in curve[1:])
+    ]
+    assert [step for step, _ in logged] == list(range(1, 61))
     assert {"stability.lr_max", "gradient_check.max_abs_diff", "weight_2.learned"} <= set(run.data.metrics)
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/landscape.png", "plots/convergence.png"} <= plots
