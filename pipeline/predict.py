@@ -4,6 +4,7 @@
     python -m pipeline.predict 1,0.5,2 3,1,0           # k comma-separated features per value
     python -m pipeline.predict --csv new.csv           # a table with the model's feature columns (x, or x1 ...)
     python -m pipeline.predict --csv new.csv --out predicted.csv
+    python -m pipeline.predict --model models:/linear-regression@champion 1.5   # a model in the MLflow store
 
 The output is CSV: the feature columns, then `prediction`. The weights go back into the nn.Linear that train
 saved them from, so a prediction is that module's forward pass. Bad input stops with one line naming it, and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline import cli, config, data
+from pipeline import cli, config, data, tracking
 from pipeline.errors import DataError, first_line
 from pipeline.io import write_atomic
 
@@ -51,6 +53,35 @@ def load_model(path: str | Path) -> torch.nn.Linear:
     except Exception as e:  # any unreadable, foreign or malicious file: say which and why, in one line
         raise DataError(f"{path}: not a model state_dict with weight and bias: {first_line(e)}") from None
     return model.eval()
+
+
+def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
+    """The nn.Linear inside a model the train stage logged, by its MLflow URI (`models:/<model id>`,
+    `models:/<name>/<version>`, `models:/<name>@<alias>`), from `store`: its weights file is downloaded and read
+    like any other, so the prediction is the same module's forward pass. A URI the store does not know is one line."""
+    import tempfile
+    from unittest import mock  # patch.dict: the variables set for one call, then put back
+
+    from pipeline.tracking_worker import sqlite_path, store_lock
+
+    db = sqlite_path(store)
+    if db is not None and not db.exists():
+        raise DataError(f"{uri}: there is no MLflow store at {db} yet (run `make repro` to make one)")
+    import mlflow.artifacts
+    tracking.check_reachable(store)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            # Through the variable, for this call only: MLflow looks a logged model's ID up in the default store
+            # whatever download_artifacts is given, and without it that is a new mlflow.db in this folder.
+            settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+            with store_lock(store), mock.patch.dict(os.environ, settings):
+                local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
+        except Exception as e:  # MLflow's own words for what it could not find, in one line
+            raise DataError(f"{uri}: cannot be read from the MLflow store {store}: {first_line(e)}") from None
+        weights = sorted(Path(local).glob("artifacts/*.safetensors"))
+        if len(weights) != 1:
+            raise DataError(f"{uri}: not a model the train stage logged (no single artifacts/*.safetensors)")
+        return load_model(weights[0])
 
 
 def predict(model: torch.nn.Linear, X: np.ndarray) -> np.ndarray:
@@ -121,7 +152,10 @@ def run(args: argparse.Namespace) -> None:
         raise DataError("give numbers (python -m pipeline.predict 1.5 2.0) or --csv FILE, one of the two")
     if args.out and not args.csv:
         raise DataError("--out goes with --csv; predictions of command-line numbers are printed")
-    model = load_model(args.model or config.dvc_paths(args.dvc_yaml)["model"])
+    if args.model and args.model.startswith("models:/"):
+        model = load_logged_model(args.model, tracking.tracking_uri(tracking.project_root()))
+    else:
+        model = load_model(args.model or config.dvc_paths(args.dvc_yaml)["model"])
     columns = data.feature_columns(model.in_features)
     if args.csv:
         frame = read_features(args.csv, columns)
@@ -140,7 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("values", nargs="*", help="one row per value: x, or x1,...,xk (negative numbers are fine)")
     p.add_argument("--csv", help="CSV file with the model's feature columns")
     p.add_argument("--out", help="write the predictions here (CSV) instead of printing them; needs --csv")
-    p.add_argument("--model", help="safetensors model file (default: the `model` path in dvc.yaml)")
+    p.add_argument(
+        "--model",
+        help="safetensors model file (default: the `model` path in dvc.yaml), or a logged model's models:/ URI, "
+        "read from MLFLOW_TRACKING_URI or the project's own store",
+    )
     p.add_argument("--dvc-yaml", default="dvc.yaml", help="pipeline file whose `paths` name the model")
     # argparse takes "-1.5" for a number but "-1.5,2" for an unknown option; a leading space (which float()
     # ignores) keeps every value that starts like a negative number positional, in its place.

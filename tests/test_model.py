@@ -176,7 +176,9 @@ def test_the_logged_model_loads_by_uri_and_predicts_what_the_nn_linear_does(root
 
 
 @pytest.mark.stage
-def test_a_registered_name_gets_a_new_version_per_model(root: Path) -> None:
+def test_a_registered_name_gets_a_new_version_per_model_and_the_predict_command_reads_any_by_uri(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import mlflow.pyfunc
 
     weights = root / "model.safetensors"
@@ -190,3 +192,34 @@ def test_a_registered_name_gets_a_new_version_per_model(root: Path) -> None:
     assert [int(v.version) for v in versions] == [1, 2]
     latest = mlflow.pyfunc.load_model("models:/linreg/2")
     np.testing.assert_allclose(latest.predict(pd.DataFrame({"x": [2.0]})), [7.0], rtol=RTOL)
+    # The predict command, by version, by alias and by the logged model's own ID: each version's line.
+    client.set_registered_model_alias("linreg", "first", "1")
+    monkeypatch.chdir(root)
+    for uri, b in (
+        ("models:/linreg/2", 1.0),
+        ("models:/linreg@first", 0.0),
+        (f"models:/{logged_model_id(client, versions[0].run_id or '')}", 0.0),
+    ):
+        code, out, err = cli(["--model", uri, "2.0", "-1"], capsys)
+        assert code == 0 and err == "", err
+        frame = pd.read_csv(io.StringIO(out))
+        np.testing.assert_allclose(frame["prediction"], oracle(np.array([[2.0], [-1.0]]), [3.0], b), rtol=RTOL)
+    # A URI the store does not know: one line, exit 2, and no second store made in the folder it ran in.
+    for uri, known in (("models:/linreg/9", "linreg"), ("models:/nobody@first", "nobody"), ("models:/m-0", "m-0")):
+        code, out, err = cli(["--model", uri, "2.0"], capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"error: predict: {uri}: cannot be read from the MLflow store {tracker.uri}: ")
+        assert known in err.split(tracker.uri)[1], err
+    assert sorted(p.name for p in root.iterdir() if "mlflow" in p.name) == [], "a store was made beside the project's"
+
+
+def test_a_models_uri_without_a_store_is_one_line_and_makes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, out, err = cli(["--model", "models:/linreg@champion", "2.0"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "models:/linreg@champion: there is no MLflow store at " in err and "run `make repro`" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dvc.yaml"]
