@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,11 +133,48 @@ def compute_metrics(
         # How far the exact minimiser sits from the truth because of the noise; compare with its standard error.
         "statistical_error": {
             **{n: abs(float(ols.weights[i] - true_w[i])) for i, n in enumerate(names)},
-            **{f"{n}_se": float(se[i]) for i, n in enumerate(names)},
+            "bias": abs(ols.bias - p.b_true),
+            **{f"{n}_se": float(se[i]) for i, n in enumerate([*names, "bias"])},
         },
         "train": scores(train),
         "test": scores(test),
     }
+
+
+SE_LIMIT = 3.0  # the closed form may sit this many standard errors from the truth: what CI asserts of the weight
+MSE_MARGIN = 0.01  # the learned line's test MSE may exceed the closed form's by this fraction
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's outcome: its numbers (metrics.json's `gate`) and why it failed (none when it passed)."""
+
+    numbers: dict[str, float | bool]
+    reasons: list[str]
+
+
+def gate(metrics: dict[str, Any], tolerance: float) -> Verdict:
+    """Whether this model may become the registered model's @champion: the checks CI makes of a run, on
+    metrics.json's numbers. `tolerance` is the train stage's convergence tolerance (train.json).
+
+    1. optimisation: the learned parameters within `tolerance` of the closed form (their Euclidean distance);
+    2. statistics: the closed form within SE_LIMIT standard errors of the true value, parameter by parameter;
+    3. generalization: the learned line's test MSE at most (1 + MSE_MARGIN) times the closed form's.
+    Plain Python arithmetic on numbers that are the same bytes on any CPU, so the verdict is too."""
+    gap, err = metrics["optimisation_gap"], metrics["statistical_error"]
+    distance = math.sqrt(math.fsum(v * v for v in gap.values()))
+    z = {n: err[n] / err[f"{n}_se"] if err[f"{n}_se"] > 0 else (0.0 if err[n] == 0 else math.inf) for n in gap}
+    worst = max(z, key=lambda n: z[n])
+    ratio = metrics["test"]["mse_learned"] / metrics["test"]["mse_closed_form"]
+    reasons = []
+    if distance > tolerance:
+        reasons.append(f"learned parameters {distance:.3g} from the closed form, beyond the tolerance {tolerance:g}")
+    if z[worst] > SE_LIMIT:
+        reasons.append(f"closed-form {worst} {z[worst]:.3g} standard errors from the truth, beyond {SE_LIMIT:g}")
+    if ratio > 1 + MSE_MARGIN:
+        reasons.append(f"test MSE {ratio:.4g} times the closed form's, beyond {1 + MSE_MARGIN:g}")
+    numbers = {"passed": not reasons, "distance": distance, "max_z": z[worst], "test_mse_ratio": ratio}
+    return Verdict(numbers, reasons)
 
 
 def held_out_loss(trajectory: dict[str, np.ndarray], init: dict[str, float], test: theory.Moments) -> np.ndarray:
@@ -173,6 +211,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
         closed, sklearn_gap = reference_fit(args.train_data, train.moments)  # reads the table for scikit-learn
         metrics = compute_metrics(g, learned, closed, train.moments, test.moments)
+        verdict = gate(metrics, report["convergence"]["tolerance"])
+        metrics["gate"] = verdict.numbers
         test_loss = held_out_loss(trajectory, report["init"], test.moments)
         lines = {"learned": learned, "closed form": closed, "true": LineFit(np.asarray(g.true_weights), g.b_true)}
         pngs = plots.figures(train.moments, train.sample, test.sample, trajectory, test_loss, report, lines)
@@ -183,7 +223,10 @@ def evaluate(args: argparse.Namespace) -> None:
         with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags()):
             tracker.log_metrics(record.eval_metrics(metrics, sklearn_gap))
             tracker.log_series({"test_loss": (trajectory["epoch"], test_loss)})  # beside train's `loss`, step = epoch
-            tracker.set_tags({record.NOTE_TAG: record.description(metrics, report, data_md5, model_md5)})
+            note = record.description(metrics, report, data_md5, model_md5, verdict.reasons)
+            tracker.set_tags({record.NOTE_TAG: note, record.GATE_TAG: record.gate_verdict(verdict.reasons)})
+            if cfg.tracking.registered_model is not None:
+                tracker.crown(cfg.tracking.registered_model, verdict.reasons)
             tracker.log_artifact(args.metrics)
             for name in pngs:
                 tracker.log_artifact(Path(args.plots) / name, "plots")

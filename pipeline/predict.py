@@ -68,6 +68,7 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
     if db is not None and not db.exists():
         raise DataError(f"{uri}: there is no MLflow store at {db} yet (run `make repro` to make one)")
     import mlflow.artifacts
+
     tracking.check_reachable(store)
     with tempfile.TemporaryDirectory() as tmp:
         try:

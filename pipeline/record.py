@@ -32,6 +32,8 @@ MODEL_TAG = "model_md5"  # the tag that ties evaluate to the run train created: 
 # here so that the stages need not import MLflow for two strings.
 SOURCE_NAME_TAG = "mlflow.source.name"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GATE_TAG = "gate"  # on the run and on its model version: "passed", or "failed: <reasons>" (evaluate.gate)
+CHAMPION = "champion"  # the registered model's alias that the last model to pass the gate holds
 NOTE_TAG = "mlflow.note.content"  # the run's Description in the UI, rendered as markdown
 # The experiment's kind: MLflow 3's UI opens a "custom_model_development" one on its model-training pages (runs,
 # metrics, models), and one without the tag in its GenAI mode (traces, prompts, judges).
@@ -122,9 +124,16 @@ def run_name(cfg: config.Config) -> str:
     return os.environ.get("DVC_EXP_NAME") or f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep"
 
 
-def description(metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5: str, model_md5: str) -> str:
+def gate_verdict(reasons: list[str]) -> str:
+    """The gate's outcome as GATE_TAG holds it."""
+    return "failed: " + "; ".join(reasons) if reasons else "passed"
+
+
+def description(
+    metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5: str, model_md5: str, reasons: list[str]
+) -> str:
     """The run's Description in the MLflow UI (markdown): the result against the closed form and the truth, the
-    convergence against theory, the inputs' hashes, and how to get the same bytes again."""
+    convergence against theory, the gate's verdict, the inputs' hashes, and how to get the same bytes again."""
     se, gap = metrics["statistical_error"], metrics["optimisation_gap"]
     rows = ["| | true | learned | closed form | optimisation gap | statistical error (its SE) |", "|" + "---|" * 6]
     for n in gap:
@@ -147,6 +156,8 @@ def description(metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5:
             f"Within {c['tolerance']:g} of the closed form: {convergence(c, '**')}; largest stable lr "
             f"{report['stability']['lr_max']:.4g}. Test MSE {test['mse_learned']:.6g} (closed form "
             f"{test['mse_closed_form']:.6g}).",
+            "",
+            f"Gate for @{CHAMPION}: **{gate_verdict(reasons)}**.",
             "",
             f"Data md5 `{data_md5}`, model md5 `{model_md5}`. The same bytes again: {again}.",
         ]

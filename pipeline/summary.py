@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -27,19 +28,25 @@ def table(m: dict[str, Any], t: dict[str, Any]) -> str:
         gap = m["optimisation_gap"][name]
         rows.append(f"{name:10}{v['true']:>12.6f}{v['learned']:>14.6f}{v['closed_form']:>14.6f}{gap:>20.3g}")
     s = m["statistical_error"]
-    for name in names[:-1]:
+    for name in names:
         rows.append(f"|closed-form {name} - true| = {s[name]:.4g}  (its standard error: {s[name + '_se']:.4g})")
     rows.append(f"test MSE: learned {m['test']['mse_learned']:.6g}, closed form {m['test']['mse_closed_form']:.6g}")
     c, st = t["convergence"], t["stability"]
     rows.append(
         f"within {c['tolerance']:g} of the closed form: {record.convergence(c)}; largest stable lr {st['lr_max']:.4g}"
     )
+    verdict = "passed" if m["gate"]["passed"] else "failed (the MLflow run's description says why)"
+    rows.append(f"gate for @{record.CHAMPION}: {verdict}")
     return "\n".join(rows)
 
 
-def locate(uri: str, experiment: str, model_md5: str) -> tuple[str, str, str | None] | None:
-    """(experiment id, run id, model id) of the newest finished run that trained this model, if any. Read with
-    MLflow's own client: the stages' worker is for logging while they work, and nothing works meanwhile here."""
+def locate(
+    uri: str, experiment: str, model_md5: str, registered: str | None = None
+) -> tuple[str, str, str | None, str | None] | None:
+    """(experiment id, run id, model id, the version `registered`@champion is) of the newest finished run that
+    trained this model, if any. Read with MLflow's own client: the stages' worker is for logging while they work,
+    and nothing works meanwhile here."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking_worker import find_run, sqlite_path, store_lock
@@ -56,7 +63,11 @@ def locate(uri: str, experiment: str, model_md5: str) -> tuple[str, str, str | N
         return None
     outputs = client.get_run(run_id).outputs
     models = outputs.model_outputs if outputs is not None else []
-    return found.experiment_id, run_id, models[-1].model_id if models else None
+    champion = None
+    if registered is not None:
+        with contextlib.suppress(MlflowException):  # no version has passed the gate yet
+            champion = str(client.get_model_version_by_alias(registered, record.CHAMPION).version)
+    return found.experiment_id, run_id, models[-1].model_id if models else None, champion
 
 
 def summarise(args: argparse.Namespace) -> None:
@@ -66,14 +77,20 @@ def summarise(args: argparse.Namespace) -> None:
     print(table(metrics, json.loads(Path(paths["train_metrics"]).read_text())))
     print(f"predict with it: python -m pipeline.predict 1.5 2.0   (the model is {paths['model']})")
     uri = tracking.tracking_uri(tracking.project_root())
-    if (found := locate(uri, cfg.tracking.experiment, md5_file(paths["model"]))) is None:
+    registered = cfg.tracking.registered_model
+    if (found := locate(uri, cfg.tracking.experiment, md5_file(paths["model"]), registered)) is None:
         print(f"MLflow: no run for this model in {uri}")
         return
-    experiment_id, run_id, model_id = found
+    experiment_id, run_id, model_id, champion = found
     print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {uri}")
     print(f"browse it: make ui, then {UI_URL}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}")
     if model_id is not None:
         print(f"load its model: mlflow.pyfunc.load_model('models:/{model_id}'), with MLFLOW_TRACKING_URI={uri}")
+    if registered is not None and champion is None:
+        print(f"models:/{registered}@{record.CHAMPION}: no version has passed the gate yet")
+    elif registered is not None:
+        champion_uri = f"models:/{registered}@{record.CHAMPION}"
+        print(f"{champion_uri} is version {champion}: python -m pipeline.predict --model {champion_uri} 1.5")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -152,16 +152,19 @@ def least_squares(m: Moments) -> LineFit:
 
 
 def standard_errors(m: Moments, fit: LineFit) -> np.ndarray:
-    """Standard error of each weight: sqrt(s^2 [(A^T A)^-1]_ii), with s^2 = SSE / (n - k - 1).
+    """Standard error of each weight, then of the bias: sqrt(s^2 [(A^T A)^-1]_ii), with s^2 = SSE / (n - k - 1).
 
-    The weights' block of (A^T A)^-1 is C_xx^-1 (the intercept column centres X). How far the closed-form
-    weights are expected to sit from the true ones because of the noise alone.
+    The weights' block of (A^T A)^-1 is C_xx^-1 (the intercept column centres X), and the bias's entry is
+    1/n + x̄ᵀ C_xx^-1 x̄. How far the closed-form parameters are expected to sit from the true ones because of the
+    noise alone.
     """
     k = m.k  # config guarantees n > k + 1: s^2 needs n - k - 1 > 0 degrees of freedom
     s2 = m.sse(fit) / (m.n - k - 1)
     with mpmath.workdps(PRECISION):
         inverse = mpmath.inverse(_mp(m.comoment[:k, :k]))
-        diagonal = np.array([float(inverse[i, i]) for i in range(k)])
+        xbar = [mpmath.mpf(float(v)) for v in m.mean[:k]]
+        bias = mpmath.mpf(1) / m.n + mpmath.fsum(xbar[i] * inverse[i, j] * xbar[j] for i in range(k) for j in range(k))
+        diagonal = np.array([*(float(inverse[i, i]) for i in range(k)), float(bias)])
     return np.sqrt(s2 * diagonal)
 
 

@@ -278,6 +278,10 @@ class Tracker:
         an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
         self._send(Session.log_artifact, *self._read(path), artifact_path)
 
+    def crown(self, registered_model: str, reasons: list[str]) -> None:
+        """The gate's verdict on this run's version of `registered_model`: passed (no reasons) moves @champion."""
+        self._send(Session.crown, registered_model, list(reasons))
+
     def expect_model(self) -> None:  # log_model will come: the worker prepares while it has nothing else to do
         self._send(Session.expect_model)
 

@@ -162,6 +162,18 @@ class Session:
             (path := Path(folder, name)).write_bytes(content)
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def crown(self, name: str, reasons: list[str]) -> None:
+        """Tag this run's version of registered model `name` with the gate's verdict (record.GATE_TAG), and when
+        it passed (no reasons) move the alias record.CHAMPION to it; a failed one leaves the alias where it was."""
+        versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.run_id}'")
+        if not versions:
+            self.say("warning", f"no version of registered model {name!r} came from this run; @champion not moved")
+            return
+        version = str(max(int(v.version) for v in versions))
+        self.client.set_model_version_tag(name, version, record.GATE_TAG, record.gate_verdict(reasons))
+        if not reasons:
+            self.client.set_registered_model_alias(name, record.CHAMPION, version)
+
     def expect_model(self) -> None:  # bench P1, P2: log_model's first steps, done while the stage trains
         self.prepare = True
 

@@ -38,6 +38,8 @@ def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Con
     # Var(coef) = s^2 (A^T A)^-1 with s^2 = RSS / (n - 2): the slope's standard error is the [0, 0] entry.
     cov = rss[0] / (len(x) - 2) * np.linalg.inv(A.T @ A)
     assert m["statistical_error"]["weight_se"] == pytest.approx(math.sqrt(cov[0, 0]), rel=1e-10)
+    assert m["statistical_error"]["bias_se"] == pytest.approx(math.sqrt(cov[1, 1]), rel=1e-10)
+    assert m["statistical_error"]["bias"] == pytest.approx(abs(coef[1] - 0.0), abs=1e-12)
     assert m["statistical_error"]["weight"] == pytest.approx(abs(coef[0] - 3.0), abs=1e-12)
     assert m["optimisation_gap"]["weight"] == pytest.approx(abs(2.9 - coef[0]), abs=1e-12)
 
@@ -47,6 +49,37 @@ def test_metrics_match_numpy_least_squares_and_textbook_formulas(cfg: config.Con
     assert m["test"]["r2_learned"] == pytest.approx(1 - np.sum(residual**2) / np.sum((yt - yt.mean()) ** 2), rel=1e-12)
     assert m["train"]["mse_closed_form"] == pytest.approx(rss[0] / len(x), rel=1e-10)
     assert m["weight"]["true"] == 3.0 and m["weight"]["learned"] == 2.9
+
+
+def test_the_gate_passes_the_closed_form_and_names_each_check_it_fails(cfg: config.Config) -> None:
+    train, test = data.generate(cfg.generate)
+    x, y = train.X[:, 0].astype(np.float64), train.y.astype(np.float64)
+    A = np.column_stack([x, np.ones_like(x)])
+    coef, rss, *_ = np.linalg.lstsq(A, y, rcond=None)
+    se = np.sqrt(rss[0] / (len(x) - 2) * np.diag(np.linalg.inv(A.T @ A)))  # the oracle's standard errors
+    closed = LineFit(np.array([coef[0]]), float(coef[1]))
+    verdict = evaluate.gate(metrics_of(cfg.generate, closed, train, test), tolerance=1e-4)
+    assert verdict.reasons == [] and verdict.numbers["passed"] is True
+    assert verdict.numbers["max_z"] == pytest.approx(max(abs(coef[0] - 3.0) / se[0], abs(coef[1]) / se[1]), rel=1e-8)
+    # 1. Stopped short of the closed form: 0.001 off in the weight moves the test MSE by less than the margin.
+    near = LineFit(np.array([coef[0] + 0.001]), float(coef[1]))
+    (reason,) = evaluate.gate(metrics_of(cfg.generate, near, train, test), tolerance=1e-4).reasons
+    assert reason == "learned parameters 0.001 from the closed form, beyond the tolerance 0.0001", reason
+    # 2. A truth the data does not support: the weight 5 standard errors from it (the bias is left where it is).
+    far = dataclasses.replace(cfg.generate, true_weights=[coef[0] - 5 * se[0]], b_true=float(coef[1]))
+    verdict = evaluate.gate(metrics_of(far, closed, train, test), tolerance=1e-4)
+    assert verdict.reasons == ["closed-form weight 5 standard errors from the truth, beyond 3"]
+    assert verdict.numbers["passed"] is False and verdict.numbers["max_z"] == pytest.approx(5.0)
+    # 3. Worse on the held-out rows than the closed form by more than the margin (and far from it, so both fail).
+    worse = LineFit(np.array([coef[0] + 0.2]), float(coef[1]))
+    m = metrics_of(cfg.generate, worse, train, test)
+    reasons = evaluate.gate(m, tolerance=1e-4).reasons
+    assert len(reasons) == 2 and reasons[1].startswith("test MSE ") and reasons[1].endswith("beyond 1.01")
+    xt, yt = test.X[:, 0].astype(np.float64), test.y.astype(np.float64)
+    ratio = np.mean((worse.weights[0] * xt + worse.bias - yt) ** 2) / np.mean((coef[0] * xt + coef[1] - yt) ** 2)
+    assert (
+        evaluate.gate(m, tolerance=1e-4).numbers["test_mse_ratio"] == pytest.approx(ratio, rel=1e-10) and ratio > 1.01
+    )
 
 
 def test_noise_free_data_has_zero_error_and_standard_error(cfg: config.Config) -> None:
@@ -64,7 +97,7 @@ def test_several_features_get_one_entry_per_coefficient(cfg: config.Config) -> N
     coef = np.linalg.lstsq(np.column_stack([X, np.ones(len(X))]), y, rcond=None)[0]
     m = metrics_of(p, LineFit(np.array([1.0, -2.0]), 0.0), train, test)
     assert [m["weight_1"]["closed_form"], m["weight_2"]["closed_form"]] == pytest.approx(coef[:2], abs=1e-12)
-    assert set(m["statistical_error"]) == {"weight_1", "weight_2", "weight_1_se", "weight_2_se"}
+    assert set(m["statistical_error"]) == {"weight_1", "weight_2", "bias", "weight_1_se", "weight_2_se", "bias_se"}
     assert m["weight_2"]["true"] == -2.0
 
 

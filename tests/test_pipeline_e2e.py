@@ -45,6 +45,10 @@ def test_learned_weight_within_tolerance_of_truth_and_closed_form(reproduced: Pa
     assert abs(w - 3.0) <= tolerance, f"learned weight {w} is more than {Z} standard errors ({tolerance:.4f}) from 3"
     assert abs(w - m["weight"]["closed_form"]) <= OPTIMISATION_TOL
     assert abs(m["bias"]["learned"] - m["bias"]["closed_form"]) <= OPTIMISATION_TOL
+    # The gate's distance, from evaluate's gaps, is the one train measured itself against the closed form.
+    train_report = json.loads((reproduced / "data/metrics/train.json").read_text())
+    assert m["gate"]["passed"] is True
+    assert m["gate"]["distance"] == pytest.approx(train_report["convergence"]["final_distance"], rel=1e-9)
     # The held-out curve levels off above the training loss, at the learned line's test MSE: the generalization gap.
     test_loss = pd.read_csv(reproduced / "data/metrics/test_loss.csv")["test_loss"]
     loss = pd.read_csv(reproduced / "data/model/trajectory.csv")["loss"]

@@ -205,6 +205,30 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(tracked: Path) -> No
     assert "no git commit was recorded" in note  # this folder is no git repository
 
 
+def test_the_gate_moves_champion_to_a_passing_model_and_leaves_it_where_it_was_for_a_failing_one(
+    tracked: Path,
+) -> None:
+    params = params_with(tracked, "registered_model: linear-regression", "registered_model: linear-regression")
+    assert run_pipeline(params) == [0, 0, 0]  # the defaults: converged, and the closed form near the truth
+    client = MlflowClient(tracking.default_uri(tracked))
+    champion = client.get_model_version_by_alias("linear-regression", "champion")
+    assert int(champion.version) == 1 and champion.tags == {"gate": "passed"}
+    assert json.loads((tracked / "metrics/eval.json").read_text())["gate"]["passed"] is True
+    # Five epochs stop far from the closed form: the run and its version say why, and @champion stays.
+    params.write_text(params.read_text().replace("epochs: 100", "epochs: 5"))
+    assert run_pipeline(params) == [0, 0, 0]
+    failed = client.get_model_version("linear-regression", "2")
+    assert (
+        failed.tags["gate"].startswith("failed: learned parameters ")
+        and "beyond the tolerance 0.0001" in failed.tags["gate"]
+    )
+    assert int(client.get_model_version_by_alias("linear-regression", "champion").version) == 1
+    run = client.get_run(failed.run_id or "")
+    assert run.data.tags["gate"] == failed.tags["gate"] and run.data.metrics["gate.passed"] == 0.0
+    assert f"Gate for @champion: **{failed.tags['gate']}**." in run.data.tags["mlflow.note.content"]
+    assert json.loads((tracked / "metrics/eval.json").read_text())["gate"]["passed"] is False
+
+
 def test_learning_rate_above_the_stability_limit_is_refused_before_any_work(
     workdir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -60,14 +60,14 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(repo: Path, tmp_p
     sh(repo, "git", "commit", "-q", "-am", "repro", check=False)
     # The copy's .venv links to this venv: its path may hold a space (a clone in "new user ü"), which make cannot
     # take in VENV=. -o: take the venv and the page as built; remaking them would pip install this copy into it.
-    grid = ("SWEEP=lr-grid", "GRID=train.lr=0.01,0.05,0.1", "JOBS=2")
+    grid = ("SWEEP=lr-grid", "GRID=train.lr=0.01,0.1,0.2", "JOBS=2")
     sh(repo, "make", "-o", ".venv/.installed", "-o", "web/dvc-plots.html", "sweep", *grid)
     cfg = config.load(repo / "params.yaml")
     client = MlflowClient(tracking.default_uri(repo))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.sweep = 'lr-grid'")
-    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.01", "0.05", "0.1"]
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.01", "0.1", "0.2"]
     assert all(r.info.status == "FINISHED" and "weight.learned" in r.data.metrics for r in runs)
     assert len({r.data.tags["dvc_exp_name"] for r in runs}) == 3
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
@@ -77,6 +77,16 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(repo: Path, tmp_p
         assert f"The same bytes again: `dvc exp apply {r.info.run_name}`." in r.data.tags["mlflow.note.content"]
         assert r.info.artifact_uri.startswith((repo / "mlruns" / "artifacts").as_uri())
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "a stray store inside DVC's temporary copy"
+    # @champion in a sweep: each model is a version; lr 0.01 stops short of the closed form in 100 epochs and fails
+    # the gate, the other two pass, and the alias ends on whichever of those two evaluate finished last.
+    name = cfg.tracking.registered_model
+    assert name is not None
+    version = {r.data.params["train.lr"]: client.search_model_versions(f"run_id = '{r.info.run_id}'")[0] for r in runs}
+    assert all(v.name == name for v in version.values())
+    assert version["0.01"].tags["gate"].startswith("failed: learned parameters ")
+    assert version["0.1"].tags["gate"] == version["0.2"].tags["gate"] == "passed"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version in {version["0.1"].version, version["0.2"].version}
     # In the UI: the three runs side by side, a weight and a loss curve each, named after their experiments.
     with mlflow_server(tmp_path / "ui", backend=tracking.default_uri(repo)) as url:
         page = browser.metric_page(url, experiment.experiment_id, [r.info.run_id for r in runs], ["weight", "loss"])

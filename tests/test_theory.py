@@ -97,19 +97,20 @@ def test_standard_error_of_one_slope_is_the_textbook_formula(cfg: config.Config)
 
 
 def test_standard_errors_match_the_spread_of_refits_on_fresh_noise() -> None:
-    # Monte Carlo: refit on 4000 fresh noise draws; the weights' spread is what the standard errors predict.
+    # Monte Carlo: refit on 4000 fresh noise draws; the weights' and the bias's spread is what the standard errors
+    # predict.
     rng = np.random.default_rng(7)
     X = rng.normal(size=(40, 3))
     w_true, sigma = np.array([1.0, -2.0, 0.5]), 0.3
     noise = rng.normal(0, sigma, size=(4000, 40))
     A = np.column_stack([X, np.ones(40)])
-    fits = np.linalg.lstsq(A, (X @ w_true)[:, None] + noise.T, rcond=None)[0][:3]  # (3, 4000)
+    fits = np.linalg.lstsq(A, (X @ w_true)[:, None] + noise.T, rcond=None)[0]  # (3 weights + bias, 4000)
     y0 = X @ w_true + noise[0]
     m = theory.Moments.of(X, y0)
     se = theory.standard_errors(m, theory.least_squares(m))
     # One sample's s^2 estimates sigma^2 with ~ sqrt(2/36) = 24 % relative spread; compare loosely.
     np.testing.assert_allclose(se, fits.std(axis=1), rtol=0.35)
-    np.testing.assert_allclose(sigma * np.sqrt(np.diag(np.linalg.inv(A.T @ A))[:3]), fits.std(axis=1), rtol=0.05)
+    np.testing.assert_allclose(sigma * np.sqrt(np.diag(np.linalg.inv(A.T @ A))), fits.std(axis=1), rtol=0.05)
 
 
 def test_loss_grid_equals_the_loss_computed_point_by_point(cfg: config.Config) -> None:
