@@ -17,7 +17,7 @@ SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 DEV        := $(SETUP) $(VENV)/.installed-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser postgres qemu strace team-server repro notebook test test-fast sweep screenshots bench lint ui lock clean
+.PHONY: help install browser postgres qemu strace team-server repro notebook test test-fast sweep screenshots bench lint ui serve lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -136,6 +136,10 @@ ui: $(VENV)/.installed ## Open the MLflow UI on http://127.0.0.1:5000 (UI_PORT=.
 	@# `mlflow ui` does not import the package (tests/test_paths.py traces it).
 	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} \
 		mlflow ui --backend-store-uri "$$(python -m pipeline.tracking)" --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+SERVE_PORT ?= 5001
+serve: $(VENV)/.installed ## Serve models:/<registered model>@champion on http://127.0.0.1:5001/invocations (SERVE_PORT=...)
+	python -m pipeline.serve --port $(SERVE_PORT)
 
 lock: ## Re-resolve the dependencies from pyproject.toml and rewrite requirements.lock
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

@@ -60,7 +60,6 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
     `models:/<name>/<version>`, `models:/<name>@<alias>`), from `store`: its weights file is downloaded and read
     like any other, so the prediction is the same module's forward pass. A URI the store does not know is one line."""
     import tempfile
-    from unittest import mock  # patch.dict: the variables set for one call, then put back
 
     from pipeline.tracking_worker import sqlite_path, store_lock
 
@@ -70,15 +69,23 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
     import mlflow.artifacts
 
     tracking.check_reachable(store)
+    # Through the variable, for this call only: MLflow looks a logged model's ID up in the default store whatever
+    # download_artifacts is given, and without it that is a new mlflow.db in this folder.
+    settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            # Through the variable, for this call only: MLflow looks a logged model's ID up in the default store
-            # whatever download_artifacts is given, and without it that is a new mlflow.db in this folder.
-            settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-            with store_lock(store), mock.patch.dict(os.environ, settings):
+            with store_lock(store):  # an older store's first use migrates it
                 local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
         except Exception as e:  # MLflow's own words for what it could not find, in one line
             raise DataError(f"{uri}: cannot be read from the MLflow store {store}: {first_line(e)}") from None
+        finally:  # put back: a caller in this process (a test, a notebook) keeps its own settings
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         weights = sorted(Path(local).glob("artifacts/*.safetensors"))
         if len(weights) != 1:
             raise DataError(f"{uri}: not a model the train stage logged (no single artifacts/*.safetensors)")

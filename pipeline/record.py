@@ -174,16 +174,17 @@ def convergence(c: Mapping[str, Any], em: str = "") -> str:
     return f"{reached} (theory gives no bound: it bounds plain full-batch descent below the stability limit only)"
 
 
-def dataset(source: str, digest: str, table: data.Table) -> dict[str, Any]:
-    """The training table as a run input: its file, md5 and shape; the rows themselves stay on disk."""
-    return {
-        "source": source,
-        "name": "train",
-        "digest": digest,
-        "context": "training",
-        "n_rows": len(table),
-        "columns": table.columns,
-    }
+def dataset(source: str, digest: str, n_rows: int, n_features: int, name: str = "train") -> dict[str, Any]:
+    """A table as a run input: its file, md5 and shape; the rows themselves stay on disk. "train" is the training
+    table, "test" the one evaluate measures the model on."""
+    columns = [*data.feature_columns(n_features), "y"]
+    context = {"train": "training", "test": "evaluation"}[name]
+    return {"source": source, "name": name, "digest": digest, "context": context, "n_rows": n_rows, "columns": columns}
+
+
+# The model's own scores on the test table: evaluate links them to the logged model and to that table, so MLflow's
+# Models tab compares models by them. The closed form's scores are the run's, not the model's.
+MODEL_METRICS = ("test.mse_learned", "test.r2_learned")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

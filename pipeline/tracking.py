@@ -273,6 +273,11 @@ class Tracker:
         columns: the table itself may be far too large to send, or not in memory at all."""
         self._send(Session.log_dataset, source, name, digest, context, int(n_rows), list(columns))
 
+    def log_model_metrics(self, values: Mapping[str, float], dataset: Mapping[str, Any]) -> None:
+        """Metrics of this run's logged model on `dataset` (a log_dataset entry, logged first): linked to both."""
+        scores, now = {k: float(v) for k, v in values.items()}, int(time.time() * 1000)
+        self._send(Session.log_model_metrics, scores, dataset["name"], dataset["digest"], now)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top. MLflow itself refuses
         an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""

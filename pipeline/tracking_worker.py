@@ -135,6 +135,23 @@ class Session:
         for batch in chunks(points, METRICS_PER_REQUEST):
             self.client.log_batch(self.run_id, metrics=batch)
 
+    def log_model_metrics(
+        self, values: dict[str, float], dataset_name: str, dataset_digest: str, timestamp: int
+    ) -> None:
+        """Metrics of the model this run logged, measured on a dataset of the run's: linked to both (MLflow 3's
+        logged-model metrics), so that the Models tab compares models. A run without a model logs them as plain
+        run metrics, with a warning."""
+        from mlflow.entities import Metric
+
+        outputs = self.client.get_run(self.run_id).outputs
+        models = outputs.model_outputs if outputs is not None else []
+        if not models:
+            self.say("warning", "this run logged no model: its test metrics stay the run's alone")
+        model_id = models[-1].model_id if models else None
+        link = {"model_id": model_id, "dataset_name": dataset_name, "dataset_digest": dataset_digest}
+        metrics = [Metric(k, v, timestamp, 0, **link) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
     def log_dataset(self, source: str, name: str, digest: str, context: str, n_rows: int, columns: list[str]) -> None:
         """The entry mlflow.data.from_pandas(...) makes for a table of float32 columns (pipeline/data.py), from
         its description alone (tests/test_tracking.py compares the two)."""

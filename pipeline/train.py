@@ -85,7 +85,7 @@ def log_start(
     tracker.set_tags(record.train_tags(data_md5, cfg.tracking.sweep))
     tracker.expect_model()  # the worker prepares for log_model while this process trains
     tracker.log_params(record.train_params(cfg, init, len(table), compiled, place.device, place.size))
-    tracker.log_dataset(**record.dataset(source, data_md5, table))
+    tracker.log_dataset(**record.dataset(source, data_md5, len(table), table.n_features))
     tracker.log_series(record.initial_series(init))
 
 

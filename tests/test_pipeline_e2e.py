@@ -7,6 +7,7 @@ The reproduced repository (conftest.py) is only read; a test that runs DVC takes
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -73,7 +74,17 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(reproduced: Pa
     m = json.loads((reproduced / "data/metrics/metrics.json").read_text())
     assert run.data.metrics["weight.closed_form"] == m["weight"]["closed_form"]
     assert 0 <= run.data.metrics["closed_form.sklearn_gap"] <= 1e-9, "scikit-learn disagrees with the closed form"
-    assert run.data.tags["data_md5"] == run.inputs.dataset_inputs[0].dataset.digest
+    inputs = {(d.dataset.name, d.tags[0].value): d.dataset.digest for d in run.inputs.dataset_inputs}
+    test_md5 = hashlib.md5((reproduced / "data/generated/test.parquet").read_bytes()).hexdigest()
+    assert inputs == {("train", "training"): run.data.tags["data_md5"], ("test", "evaluation"): test_md5}
+    # The model's own test scores are linked to it and to the test table: the Models tab compares models by them.
+    (output,) = run.outputs.model_outputs
+    linked = {x.key: x for x in client.get_logged_model(output.model_id).metrics or []}
+    for key in ("mse_learned", "r2_learned"):
+        point = linked[f"test.{key}"]
+        assert point.value == run.data.metrics[f"test.{key}"] == m["test"][key]
+        assert (point.dataset_name, point.dataset_digest, point.run_id) == ("test", test_md5, run.info.run_id)
+    assert "test.mse_closed_form" not in linked and "test.mse_closed_form" in run.data.metrics
     # The run says which numerics made its bytes: portable here, with each setting in force.
     assert run.data.tags["numerics"] == ("portable" if numerics.portable_here() else "native")
     assert {k: run.data.tags[f"numerics.{k}"] for k in numerics.PORTABLE} == (
