@@ -232,13 +232,17 @@ def read_yaml(path: Path) -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
     try:
         # Exactly DVC's parser (dvc.utils.serialize.parse_yaml), so `dvc exp run -S`, `dvc params diff` and the
         # stage agree on what a value means. typ="safe" builds plain data only: a `!!python/...` tag raises.
         return YAML(typ="safe").load(text)
     except YAMLError as e:
         first = str(e).strip().splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML: {first}") from None
+        raise ConfigError(f"{source}: not valid YAML: {first}") from None
 
 
 def load(path: str | Path = "params.yaml") -> Config:

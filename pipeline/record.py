@@ -9,11 +9,13 @@ table mirrors "What a run holds" in docs/pipeline.md:
 | loss, grad_*, weights and bias per epoch (step 0: the start), | metrics (series) | initial_series, epoch_series, |
 | batch_loss per optimiser step                                 |                  | batch_series                  |
 | train.json at the last epoch; metrics.json, sklearn's gap     | metrics          | train_metrics, eval_metrics   |
+| the model's test MSE and R², linked to it and the test table  | model metrics    | MODEL_METRICS                 |
 | git, dvc_exp_name, data_md5, sweep, numerics, cpu,           | tags             | train_tags, evaluate_tags     |
-| mlflow_telemetry; model_md5                                   |                  |                               |
+| mlflow_telemetry; model_md5; the gate's verdict               |                  | gate_verdict                  |
 | the method, optimiser, lr and epochs, or the DVC experiment   | run name         | run_name                      |
-| the result, its hashes and how to reproduce it (markdown)     | description      | description                   |
-| the training table, digest = its md5                          | inputs           | dataset                       |
+| and the params it changed                                     |                  |                               |
+| the result, the gate, its hashes and how to reproduce it      | description      | description                   |
+| the training and the test table, digest = each one's md5      | inputs           | dataset                       |
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import config, data, numerics
+from pipeline.errors import ConfigError
 
 MODEL_TAG = "model_md5"  # the tag that ties evaluate to the run train created: set last, on a complete run
 # MLflow's own tag names (mlflow.utils.mlflow_tags; tests/test_tracking.py checks they still match), spelt out
@@ -118,10 +121,30 @@ def telemetry_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 
 def run_name(cfg: config.Config) -> str:
-    """What ran, as the MLflow UI lists it: the DVC experiment's name under `dvc exp`, else the settings that
-    tell one repro from the next."""
+    """What ran, as the MLflow UI lists it: under `dvc exp`, the experiment's name and the params it changed from
+    the commit (`gawsy-taro train.lr=0.01`, or `gawsy-taro (params as committed)`), so that a sweep's curves say
+    which is which; else the settings that tell one repro from the next."""
     t = cfg.train
-    return os.environ.get("DVC_EXP_NAME") or f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep"
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        return " ".join([experiment, *(varied(cfg) or ["(params as committed)"])])
+    return f"{t.method}-{t.optimizer}-lr{t.lr:g}-{t.epochs}ep"
+
+
+def varied(cfg: config.Config) -> list[str]:
+    """`section.key=value` for each param that differs from the committed params file (what `dvc exp run -S` set),
+    but the sweep's own name (a tag already); none without git or a committed file."""
+    text = _git("show", f"HEAD:./{cfg.source}")
+    try:
+        committed = config.parse(config.parse_yaml(text, cfg.source), cfg.source).flat() if text else {}
+    except ConfigError:  # a commit before a key was added or renamed: no baseline to compare with
+        return []
+    now = cfg.flat()
+    return [f"{k}={_short(v)}" for k, v in now.items() if k != "tracking.sweep" and committed.get(k) != v]
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def gate_verdict(reasons: list[str]) -> str:

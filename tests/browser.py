@@ -100,8 +100,9 @@ def inked_fraction(png: Path) -> float:
     return float(np.mean(pixels < 230))
 
 
-def metric_page(url: str, experiment: str, runs: list[str], keys: list[str]) -> str:
-    """The MLflow UI's chart of these metrics' histories for these runs, step by step: one line per run and key."""
+def metric_page(url: str, experiment: str, runs: list[str], keys: list[str], scale: str = "linear") -> str:
+    """The MLflow UI's chart of these metrics' histories for these runs, step by step: one line per run and key,
+    on a linear or a log y axis."""
     query = {
         "runs": json.dumps(runs),
         "metric": json.dumps(keys[0]),
@@ -109,7 +110,7 @@ def metric_page(url: str, experiment: str, runs: list[str], keys: list[str]) -> 
         "plot_metric_keys": json.dumps(keys),
         "plot_layout": "{}",
         "x_axis": "step",
-        "y_axis_scale": "linear",
+        "y_axis_scale": scale,
         "line_smoothness": "1",
         "show_point": "false",
         "deselected_curves": "[]",

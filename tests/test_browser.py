@@ -7,6 +7,7 @@ for the README and docs/).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import urllib.parse
@@ -132,6 +133,19 @@ def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repo: Path, tmp_p
         assert rise > 1 and points[-1][1] < points[0][1]
         shot = browser.screenshot(metric_page, "mlflow-ui-weight.png", size=(1800, 800))
         assert browser.inked_fraction(shot) > 0.02
+        # The training and the held-out loss on one chart (log scale): two curves, each named, the test loss
+        # ending above the training loss as test_loss.csv and trajectory.csv do.
+        losses = browser.metric_page(url, experiment, [run_id], ["loss", "test_loss"], scale="log")
+        dom = browser.dom(losses)
+        curves = {d for d in re.findall(r'<path class="js-line" d="(M[^"]+)"', dom) if "L" in d}
+        assert len(curves) == 2, f"{len(curves)} curves, not the training and the test loss"
+        text = browser.page_text(dom)
+        held_out = pd.read_csv(repo / "data" / "metrics" / "test_loss.csv")
+        last = cfg.train.epochs
+        assert "(loss)" in text and "(test_loss)" in text
+        assert f"test_loss {float(held_out['test_loss'].iloc[-1])!r} (step={last})" in text, text[:1500]
+        assert held_out["test_loss"].iloc[-1] > trajectory["loss"].iloc[-1]
+        assert browser.inked_fraction(browser.screenshot(losses, "mlflow-ui-loss.png", size=(1800, 800))) > 0.02
 
         # The experiment in the UI's model-training mode, as make ui and the summary link to it; without the
         # parameter, MLflow 3.17 opens its GenAI mode (the control: the check tells the two apart).
@@ -150,3 +164,22 @@ def test_mlflow_ui_serves_the_run_and_draws_its_weight_history(repo: Path, tmp_p
         assert "<table" in shown and "optimisation gap" in shown
         assert f"{metrics['weight']['learned']:.6g}" in browser.page_text(shown)
         assert browser.inked_fraction(browser.screenshot(run_page, "mlflow-ui-run.png", size=(1800, 1300))) > 0.02
+        # The registered model: this run's version holds @champion, tagged with the gate's verdict.
+        name = cfg.tracking.registered_model
+        version = rest(f"{api}/registered-models/alias?name={name}&alias=champion")["model_version"]
+        assert version["run_id"] == run_id
+        registry = browser.page_text(
+            browser.dom(f"{url}/#/models/{name}/versions/{version['version']}?{summary.UI_MODE}")
+        )
+        assert f"Registered Models {name} Version {version['version']}" in registry
+        assert "Aliases : @&nbsp;champion" in registry and "gate passed" in registry, registry[:1500]
+        browser.screenshot(f"{url}/#/models/{name}?{summary.UI_MODE}", "mlflow-ui-champion.png", size=(1800, 700))
+        # The logged model's page lists its own test scores, each measured on the test table (its md5).
+        model_id = next(i["model_id"] for i in mine[0]["outputs"]["model_outputs"])
+        model_page = f"{url}/#/experiments/{experiment}/models/{model_id}?{summary.UI_MODE}"
+        shown = browser.page_text(browser.dom(model_page))
+        test_md5 = hashlib.md5((repo / "data" / "generated" / "test.parquet").read_bytes()).hexdigest()
+        for key in ("mse_learned", "r2_learned"):
+            row = f"test.{key} test (#{test_md5}) {mine[0]['info']['run_name']} {metrics['test'][key]!r}"
+            assert row in shown, shown[:2000]
+        browser.screenshot(model_page, "mlflow-ui-model.png", size=(1800, 1000))

@@ -116,6 +116,35 @@ def test_the_telemetry_tag_says_what_mlflow_decides(
     assert record.train_tags("md5", None)["mlflow_telemetry"] == record.evaluate_tags()["mlflow_telemetry"] == tag
 
 
+def test_under_dvc_exp_the_run_is_named_after_the_experiment_and_the_params_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from pipeline import config
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "params.yaml"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+    text = (REPO / "params.yaml").read_text()
+    edits = [("  lr: 0.1 ", "  lr: 0.01 "), ("  epochs: 100 ", "  epochs: 50 "), ("sweep: null", "sweep: grid")]
+    for old, new in edits:  # as `dvc exp run -S` would: sweep is a tag of its own, so not in the name
+        assert old in text
+        text = text.replace(old, new)
+    (tmp_path / "params.yaml").write_text(text)
+    cfg = config.load("params.yaml")
+    monkeypatch.setenv("DVC_EXP_NAME", "gawsy-taro")
+    assert record.run_name(cfg) == "gawsy-taro train.lr=0.01 train.epochs=50"  # in params.yaml's order
+    monkeypatch.delenv("DVC_EXP_NAME")
+    assert record.run_name(cfg) == "nn-sgd-lr0.01-50ep"  # a plain repro: what ran
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.setenv("DVC_EXP_NAME", "gawsy-taro")
+    assert record.run_name(config.load("params.yaml")) == "gawsy-taro (params as committed)"
+
+
 def test_importing_the_package_turns_mlflow_telemetry_off_unless_the_user_turned_it_on() -> None:
     # A fresh interpreter each time: this one imported the package long ago.
     code = "import os, pipeline.record as r; print(os.getenv('MLFLOW_DISABLE_TELEMETRY'), *r.telemetry_tags().values())"
