@@ -202,13 +202,16 @@ def _validate_tracking(s: str, tr: TrackingParams) -> None:
     sweep = tr.sweep
     _check(s, sweep is None or bool(sweep.strip()), "tracking.sweep", sweep, "must be null or a non-empty name")
     name = tr.registered_model
-    # MLflow refuses these characters in a model name only when it registers, after training: say so first.
+    # MLflow refuses these names only when it registers, after training: say so first. Its rule (mlflow.utils.
+    # validation._validate_model_name, which tests/test_config.py holds this to): not blank, no '/' or ':', and
+    # not a path that goes up or nowhere ('.', '..', '..x').
     _check(
         s,
-        name is None or (bool(name.strip()) and not set(name) & set("/:") and name not in (".", "..")),
+        name is None
+        or (bool(name.strip()) and not set(name) & set("/:") and name != "." and not name.startswith("..")),
         "tracking.registered_model",
         name,
-        "must be null or a name without '/' or ':'",
+        "must be null or a name without '/' or ':' that does not start with '..' (MLflow's rule)",
     )
 
 

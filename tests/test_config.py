@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,27 @@ def test_n_train_and_n_test_partition_the_samples(cfg: config.Config) -> None:
 
 def test_int_accepted_where_float_expected() -> None:
     assert parse_with("train", "lr", 1).train.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    "name", ["linreg", "team/linreg", "a:b", "", " ", ".", "..", "..x", "...", "x..", "x.y", "é 1"]
+)
+def test_a_registered_model_name_is_refused_exactly_when_mlflow_would_refuse_it(cfg: config.Config, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name  # MLflow's own rule: the oracle
+
+    try:
+        _validate_model_name(name)
+        mlflow_accepts = True
+    except MlflowException:
+        mlflow_accepts = False
+    tracking = dataclasses.replace(cfg.tracking, registered_model=name)
+    try:
+        config.validate(dataclasses.replace(cfg, tracking=tracking))
+        we_accept = True
+    except ConfigError:
+        we_accept = False
+    assert we_accept == mlflow_accepts
 
 
 @pytest.mark.parametrize(
