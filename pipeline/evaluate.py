@@ -165,7 +165,9 @@ def gate(metrics: dict[str, Any], tolerance: float) -> Verdict:
     distance = math.sqrt(math.fsum(v * v for v in gap.values()))
     z = {n: err[n] / err[f"{n}_se"] if err[f"{n}_se"] > 0 else (0.0 if err[n] == 0 else math.inf) for n in gap}
     worst = max(z, key=lambda n: z[n])
-    ratio = metrics["test"]["mse_learned"] / metrics["test"]["mse_closed_form"]
+    learned_mse, closed_mse = metrics["test"]["mse_learned"], metrics["test"]["mse_closed_form"]
+    # An exact fit (noise-free data) has a closed-form test MSE of 0, or a rounding error either side of it.
+    ratio = learned_mse / closed_mse if closed_mse > 0 else (1.0 if learned_mse <= 0 else math.inf)
     reasons = []
     if distance > tolerance:
         reasons.append(f"learned parameters {distance:.3g} from the closed form, beyond the tolerance {tolerance:g}")

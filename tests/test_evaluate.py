@@ -88,6 +88,12 @@ def test_noise_free_data_has_zero_error_and_standard_error(cfg: config.Config) -
     # Exact up to the float32 rounding of the stored x and y (relative 6e-8).
     assert m["statistical_error"]["weight"] < 1e-6 and m["statistical_error"]["weight_se"] < 1e-6
     assert m["test"]["r2_closed_form"] == pytest.approx(1.0)
+    # The gate still gives a verdict, whatever the rounding left of the closed form's MSE (0 or either side of it).
+    for closed_mse in (0.0, -1e-18, 1e-18):
+        exact = {**m, "test": {**m["test"], "mse_closed_form": closed_mse, "mse_learned": 0.0}}
+        assert evaluate.gate(exact, tolerance=1.0).numbers["test_mse_ratio"] <= 1.0
+    worse = {**m, "test": {**m["test"], "mse_closed_form": 0.0, "mse_learned": 1e-3}}
+    assert "test MSE inf times" in evaluate.gate(worse, tolerance=1.0).reasons[-1]
 
 
 def test_several_features_get_one_entry_per_coefficient(cfg: config.Config) -> None:
