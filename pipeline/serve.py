@@ -3,7 +3,7 @@
     python -m pipeline.serve                  # http://127.0.0.1:5001/invocations, until Ctrl-C
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"dataframe_split": {"columns": ["x"], "data": [[1.5], [2.0]]}}'
-    # -> {"predictions": [4.537735, 6.0495086]}
+    # -> {"predictions": [4.5377349853515625, 6.049508571624756]}
 
 On 127.0.0.1 only, in this environment (`--env-manager local`: nothing is built or downloaded), from the store the
 stages log to (MLFLOW_TRACKING_URI, or the project's own). With no registered model in params.yaml, no store
