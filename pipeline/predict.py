@@ -61,14 +61,11 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
     like any other, so the prediction is the same module's forward pass. A URI the store does not know is one line."""
     import tempfile
 
-    from pipeline.tracking_worker import sqlite_path, store_lock
+    from pipeline.tracking_worker import store_lock
 
-    db = sqlite_path(store)
-    if db is not None and not db.exists():
-        raise DataError(f"{uri}: there is no MLflow store at {db} yet (run `make repro` to make one)")
-    import mlflow.artifacts
+    tracking.require_store(store, uri)
+    import mlflow.artifacts  # only once there is a store: the refusal above stays quick
 
-    tracking.check_reachable(store)
     # Through the variable, for this call only: MLflow looks a logged model's ID up in the default store whatever
     # download_artifacts is given, and without it that is a new mlflow.db in this folder.
     settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}

@@ -27,12 +27,9 @@ def champion(store: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking_worker import sqlite_path, store_lock
+    from pipeline.tracking_worker import store_lock
 
-    db = sqlite_path(store)
-    if db is not None and not db.exists():
-        raise DataError(f"there is no MLflow store at {db} yet: run `make repro` first")
-    tracking.check_reachable(store)
+    tracking.require_store(store, f"models:/{name}@{record.CHAMPION}")
     try:
         with store_lock(store):  # an older store's first use migrates it
             return str(MlflowClient(store).get_model_version_by_alias(name, record.CHAMPION).version)

@@ -22,7 +22,7 @@ from typing import Any, Concatenate, ParamSpec
 import numpy as np
 
 from pipeline import tracking_worker
-from pipeline.errors import TrackingError
+from pipeline.errors import DataError, TrackingError
 from pipeline.tracking_worker import Command, Session
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts and refused connections are OSErrors
         why = f"is not reachable ({getattr(e, 'reason', e)}); start it or unset MLFLOW_TRACKING_URI"
         raise TrackingError(f"MLflow tracking server {uri} {why} to use the project's own store") from None
+
+
+def require_store(uri: str, subject: str) -> None:
+    """For a command that reads what the stages logged (predict, serve): one line about `subject` when the
+    project's store does not exist yet, so that none is made, and a server that does not answer fails at once."""
+    db = tracking_worker.sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise DataError(f"{subject}: there is no MLflow store at {db} yet: run `make repro` first")
+    check_reachable(uri)
 
 
 def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> Tracker:
