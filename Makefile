@@ -17,7 +17,7 @@ SETUP      := $(VENV)/.installed $(PLOTS_PAGE)
 DEV        := $(SETUP) $(VENV)/.installed-dev
 
 .DEFAULT_GOAL := help
-.PHONY: help install browser postgres qemu strace team-server repro notebook test test-fast sweep screenshots bench lint ui serve lock clean
+.PHONY: help install browser postgres qemu strace team-server repro verify notebook test test-fast sweep screenshots bench lint ui serve lock clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z][a-zA-Z_-]*:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -82,6 +82,14 @@ team-server: $(SETUP) postgres ## Start PostgreSQL and an MLflow server on it at
 repro: $(SETUP) ## Run the pipeline (dvc repro) and print a summary of the result
 	dvc repro
 	python -m pipeline.summary
+
+# RUN: a run ID, run name or DVC experiment name, in MLFLOW_TRACKING_URI's store or the project's. CPU: rebuild
+# under qemu-x86_64 -cpu CPU (make qemu). Exit status 0 only when every output is the same (pipeline/verify.py).
+RUN ?=
+CPU ?=
+verify: $(SETUP) ## Rebuild run RUN=... from its own commit and params, and compare every output's md5 (CPU=Haswell: emulated)
+	@test -n "$(RUN)" || { echo "error: verify: name the run: make verify RUN=<run ID, run name or DVC experiment name>" >&2; exit 2; }
+	python -m pipeline.verify "$(RUN)" $(if $(CPU),--cpu "$(CPU)")
 
 # The stored outputs are what this prints (tests/test_notebook.py): no timings, which would change every run.
 notebook: repro $(DEV) ## Run notebooks/walkthrough.ipynb again in place, on the pipeline's latest result

@@ -25,8 +25,9 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LEVEL_VARIABLE = "PIPELINE_LOG_LEVEL"  # how much the stages say; INFO unless set
 
 
-def run(stage: str, body: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Run a stage body with logging configured; turn user errors into one line on stderr."""
+def run(stage: str, body: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a stage body with logging configured; turn user errors into one line on stderr. The exit status is the
+    body's (0 if it returns None), or the error's."""
     level = os.environ.get(LEVEL_VARIABLE, "INFO").upper()
     if level not in LEVELS:
         print(f"error: {stage}: {LEVEL_VARIABLE} = {level!r}: must be one of {', '.join(LEVELS)}", file=sys.stderr)
@@ -40,11 +41,10 @@ def run(stage: str, body: Callable[[argparse.Namespace], None], args: argparse.N
     logging.basicConfig(format=f"%(levelname)s {stage}: %(message)s", stream=sys.stderr)
     log.setLevel(level)  # the pipeline's own logger: libraries keep their levels
     try:
-        body(args)
+        return body(args) or 0
     except PipelineError as e:  # fixable from the message alone: one line, no traceback
         print(f"error: {stage}: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return e.exit_status
 
 
 def exit_now(code: int) -> NoReturn:

@@ -4,6 +4,8 @@
 class PipelineError(Exception):
     """Base of the user-facing errors; the message names the file, key or value at fault."""
 
+    exit_status = 2  # the command's exit status: the input cannot be used
+
 
 class ConfigError(PipelineError, ValueError):
     """A params file that cannot be used; the message names the file, the key and the value."""

@@ -223,14 +223,16 @@ def evaluate(args: argparse.Namespace) -> None:
         # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
         model_md5, data_md5 = md5_file(args.model), md5_file(args.train_data)
         tested = record.dataset(args.test_data, md5_file(args.test_data), test.moments.n, k, name="test")
-        with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags()):
+        with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags(cfg.source)):
             scores = record.eval_metrics(metrics, sklearn_gap)
             tracker.log_metrics({key: v for key, v in scores.items() if key not in record.MODEL_METRICS})
             tracker.log_dataset(**tested)
             tracker.log_model_metrics({key: scores[key] for key in record.MODEL_METRICS}, tested)
             tracker.log_series({"test_loss": (trajectory["epoch"], test_loss)})  # beside train's `loss`, step = epoch
-            note = record.description(metrics, report, data_md5, model_md5, verdict.reasons)
-            tracker.set_tags({record.NOTE_TAG: note, record.GATE_TAG: record.gate_verdict(verdict.reasons)})
+            note = record.description(metrics, report, data_md5, model_md5, verdict.reasons, cfg.source)
+            tracker.describe(note)
+            tracker.set_tags({record.GATE_TAG: record.gate_verdict(verdict.reasons)})
+            tracker.set_tags(record.output_tags([args.test_data, args.metrics, args.test_loss, args.plots]))
             if cfg.tracking.registered_model is not None:
                 tracker.crown(cfg.tracking.registered_model, verdict.reasons)
             tracker.log_artifact(args.metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Callable
@@ -44,3 +45,17 @@ def md5_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def md5_dir(path: str | Path) -> str:
+    """DVC 3's hash of a folder, as dvc.lock records it: the md5 of the JSON listing of its files' md5 and path,
+    sorted by path, followed by `.dir` (tests/test_cpus.py holds it to the committed dvc.lock)."""
+    root = Path(path)
+    files = sorted((f for f in root.rglob("*") if f.is_file()), key=lambda f: f.relative_to(root).parts)
+    listing = [{"md5": md5_file(f), "relpath": f.relative_to(root).as_posix()} for f in files]
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def md5_output(path: str | Path) -> str:
+    """A stage output's hash as dvc.lock records it: a file's md5, or a folder's md5_dir."""
+    return md5_dir(path) if Path(path).is_dir() else md5_file(path)

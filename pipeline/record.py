@@ -12,6 +12,8 @@ table mirrors "What a run holds" in docs/pipeline.md:
 | the model's test MSE and R², linked to it and the test table  | model metrics    | MODEL_METRICS                 |
 | git, dvc_exp_name, data_md5, sweep, numerics, cpu,           | tags             | train_tags, evaluate_tags     |
 | mlflow_telemetry; model_md5; the gate's verdict               |                  | gate_verdict                  |
+| each output's md5 as dvc.lock records it (`outs/<path>`)      | tags             | output_tags                   |
+| the params file itself, for pipeline.verify to rebuild from   | artifacts        | PARAMS_ARTIFACT               |
 | the method, optimiser, lr and epochs, or the DVC experiment   | run name         | run_name                      |
 | and the params it changed                                     |                  |                               |
 | the result, the gate, its hashes and how to reproduce it      | description      | description                   |
@@ -23,13 +25,16 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline import config, data, numerics
 from pipeline.errors import ConfigError
+from pipeline.io import md5_output
 
+DVC_EXP_TAG = "dvc_exp_name"  # the DVC experiment a run was made under
 MODEL_TAG = "model_md5"  # the tag that ties evaluate to the run train created: set last, on a complete run
 # MLflow's own tag names (mlflow.utils.mlflow_tags; tests/test_tracking.py checks they still match), spelt out
 # here so that the stages need not import MLflow for two strings.
@@ -48,6 +53,9 @@ MLFLOW_CI_VARIABLES = (
     *("BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION"),
     *("RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID"),
 )
+OUTS_TAG = "outs/"  # + an output's path from the repository root: its md5 as dvc.lock records it (pipeline.verify)
+PARAMS_ARTIFACT = "params.yaml"  # the params file the run read, byte for byte: what pipeline.verify rebuilds with
+THIS_RUN = "{run_id}"  # in the description, replaced by the run's ID where the run is known (the tracking worker)
 EXAMPLE_ROWS = 3  # rows of the training table logged as the MLflow model's input example
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (steps, values)
@@ -91,9 +99,9 @@ def eval_metrics(metrics: Mapping[str, Any], sklearn_gap: float | None) -> dict[
     return flatten(metrics) | ({} if sklearn_gap is None else {"closed_form.sklearn_gap": sklearn_gap})
 
 
-def train_tags(data_md5: str, sweep: str | None) -> dict[str, str]:
+def train_tags(data_md5: str, sweep: str | None, params_file: str) -> dict[str, str]:
     return (
-        provenance_tags("train")
+        provenance_tags("train", params_file)
         | {"data_md5": data_md5}
         | ({} if sweep is None else {"sweep": sweep})
         | numerics.tags()
@@ -101,9 +109,21 @@ def train_tags(data_md5: str, sweep: str | None) -> dict[str, str]:
     )
 
 
-def evaluate_tags() -> dict[str, str]:
+def evaluate_tags(params_file: str) -> dict[str, str]:
     """The tags of a run evaluate starts itself, when no run in the store trained its model."""
-    return provenance_tags("evaluate") | numerics.tags() | telemetry_tags()
+    return provenance_tags("evaluate", params_file) | numerics.tags() | telemetry_tags()
+
+
+def output_tags(paths: list[str]) -> dict[str, str]:
+    """`outs/<path>`: md5 for each output, its path from the stage's folder (the repository root, where DVC runs it)
+    as dvc.lock writes it; one outside that folder is not DVC's, and is left out."""
+    tags = {}
+    here = Path.cwd().resolve()
+    for path in paths:
+        full = Path(path).resolve()
+        if full.is_relative_to(here):
+            tags[OUTS_TAG + full.relative_to(here).as_posix()] = md5_output(full)
+    return tags
 
 
 def telemetry_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -153,25 +173,34 @@ def gate_verdict(reasons: list[str]) -> str:
 
 
 def description(
-    metrics: Mapping[str, Any], report: Mapping[str, Any], data_md5: str, model_md5: str, reasons: list[str]
+    metrics: Mapping[str, Any],
+    report: Mapping[str, Any],
+    data_md5: str,
+    model_md5: str,
+    reasons: list[str],
+    params_file: str,
 ) -> str:
     """The run's Description in the MLflow UI (markdown): the result against the closed form and the truth, the
-    convergence against theory, the gate's verdict, the inputs' hashes, and how to get the same bytes again."""
+    convergence against theory, the gate's verdict, the inputs' hashes, how to get the same bytes again, and how to
+    check that they are (THIS_RUN stands for the run's ID)."""
     se, gap = metrics["statistical_error"], metrics["optimisation_gap"]
     rows = ["| | true | learned | closed form | optimisation gap | statistical error (its SE) |", "|" + "---|" * 6]
     for n in gap:
         v, error = metrics[n], f"{se[n]:.3g} ({se[n + '_se']:.3g})" if n in se else "–"
         rows.append(f"| {n} | {v['true']:.6g} | {v['learned']:.6g} | {v['closed_form']:.6g} | {gap[n]:.3g} | {error} |")
     c, test = report["convergence"], metrics["test"]
-    tags = provenance_tags("evaluate")
-    commit, experiment = tags.get(GIT_COMMIT_TAG), tags.get("dvc_exp_name")
+    tags = provenance_tags("evaluate", params_file)
+    commit, experiment, dirty = tags.get(GIT_COMMIT_TAG), tags.get(DVC_EXP_TAG), tags.get("git_dirty") != "false"
     if experiment:
         again = f"`dvc exp apply {experiment}`"
     elif commit:
-        dirty = " (the working tree differed from it)" if tags.get("git_dirty") == "true" else ""
-        again = f"`git checkout {commit}`, then `dvc repro`{dirty}"
+        again = f"`git checkout {commit}`, then `dvc repro`" + (" (the code differed from it)" if dirty else "")
     else:
         again = "`dvc repro` with the same params.yaml (no git commit was recorded)"
+    if commit and not dirty:
+        check = f"`make verify RUN={THIS_RUN}` rebuilds every output from that commit and compares their md5s"
+    else:
+        check = "it cannot be verified: its code is not a commit"
     return "\n".join(
         [
             *rows,
@@ -182,7 +211,7 @@ def description(
             "",
             f"Gate for @{CHAMPION}: **{gate_verdict(reasons)}**.",
             "",
-            f"Data md5 `{data_md5}`, model md5 `{model_md5}`. The same bytes again: {again}.",
+            f"Data md5 `{data_md5}`, model md5 `{model_md5}`. The same bytes again: {again}; {check}.",
         ]
     )
 
@@ -229,16 +258,20 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
-def provenance_tags(stage: str) -> dict[str, str]:
-    """Git commit, whether tracked files differ from it, and the DVC experiment this runs under, if any."""
+def provenance_tags(stage: str, params_file: str) -> dict[str, str]:
+    """Git commit, whether the tracked files that make the outputs differ from it, and the DVC experiment this runs
+    under, if any. Neither the params file (the run logs it whole, and `dvc exp run -S` edits it) nor dvc.lock
+    (`dvc repro` rewrites it as stages finish) counts: a run is dirty when its code is not the commit's."""
     tags = {SOURCE_NAME_TAG: f"pipeline.{stage}"}
     commit = _git("rev-parse", "HEAD")
     if commit:
         tags[GIT_COMMIT_TAG] = commit
-        # dvc.lock is rewritten by `dvc repro` itself as stages finish; it says nothing about the inputs.
-        status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+        params = Path(params_file).resolve()
+        here = Path.cwd().resolve()
+        excluded = ["dvc.lock", *([params.relative_to(here).as_posix()] if params.is_relative_to(here) else [])]
+        status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *(f":(exclude){p}" for p in excluded))
         tags["git_dirty"] = "unknown" if status is None else str(bool(status)).lower()
-    for env, tag in (("DVC_EXP_NAME", "dvc_exp_name"), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
+    for env, tag in (("DVC_EXP_NAME", DVC_EXP_TAG), ("DVC_EXP_BASELINE_REV", "dvc_exp_baseline_rev")):
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     return tags

@@ -287,10 +287,15 @@ class Tracker:
         scores, now = {k: float(v) for k, v in values.items()}, int(time.time() * 1000)
         self._send(Session.log_model_metrics, scores, dataset["name"], dataset["digest"], now)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top. MLflow itself refuses
-        an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
-        self._send(Session.log_artifact, *self._read(path), artifact_path)
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, name: str | None = None) -> None:
+        """Log a file, as it is now, at `artifact_path` of the run's artifacts or at the top, under its own name or
+        `name`. MLflow itself refuses an absolute path or one with `..` (tests/test_reliability.py holds it to that)."""
+        own, content = self._read(path)
+        self._send(Session.log_artifact, name or own, content, artifact_path)
+
+    def describe(self, note: str) -> None:
+        """The run's Description (markdown), record.THIS_RUN in it replaced by the run's ID."""
+        self._send(Session.describe, note)
 
     def crown(self, registered_model: str, reasons: list[str]) -> None:
         """The gate's verdict on this run's version of `registered_model`: passed (no reasons) moves @champion."""

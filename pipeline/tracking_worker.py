@@ -127,6 +127,9 @@ class Session:
         for batch in chunks([RunTag(k, v) for k, v in tags.items()], PARAMS_PER_REQUEST):
             self.client.log_batch(self.run_id, tags=batch)
 
+    def describe(self, note: str) -> None:
+        self.set_tags({record.NOTE_TAG: note.replace(record.THIS_RUN, self.run_id)})
+
     def log_series(self, name: str, steps: np.ndarray, values: np.ndarray, timestamp: int) -> None:
         """One series, its requests in turn: no two in flight update its latest value."""
         from mlflow.entities import Metric

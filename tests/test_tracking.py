@@ -113,7 +113,11 @@ def test_the_telemetry_tag_says_what_mlflow_decides(
     monkeypatch.setattr(utils, "_IS_IN_CI_ENV_OR_TESTING", utils._is_ci_env_or_testing())
     assert utils.is_telemetry_disabled() == (tag == "off")
     assert record.telemetry_tags() == {"mlflow_telemetry": tag}
-    assert record.train_tags("md5", None)["mlflow_telemetry"] == record.evaluate_tags()["mlflow_telemetry"] == tag
+    assert (
+        record.train_tags("md5", None, "params.yaml")["mlflow_telemetry"]
+        == record.evaluate_tags("params.yaml")["mlflow_telemetry"]
+        == tag
+    )
 
 
 def test_under_dvc_exp_the_run_is_named_after_the_experiment_and_the_params_it_changed(
