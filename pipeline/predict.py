@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from unittest import mock
 
 import numpy as np
 
@@ -68,21 +69,14 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
 
     # Through the variable, for this call only: MLflow looks a logged model's ID up in the default store whatever
     # download_artifacts is given, and without it that is a new mlflow.db in this folder.
+    # Put back afterwards (mock.patch.dict): a caller in this process (a test, a notebook) keeps its own settings.
     settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    before = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            with store_lock(store):  # an older store's first use migrates it
+            with mock.patch.dict(os.environ, settings), store_lock(store):  # an older store's first use migrates it
                 local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
         except Exception as e:  # MLflow's own words for what it could not find, in one line
             raise DataError(f"{uri}: cannot be read from the MLflow store {store}: {first_line(e)}") from None
-        finally:  # put back: a caller in this process (a test, a notebook) keeps its own settings
-            for k, v in before.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         weights = sorted(Path(local).glob("artifacts/*.safetensors"))
         if len(weights) != 1:
             raise DataError(f"{uri}: not a model the train stage logged (no single artifacts/*.safetensors)")

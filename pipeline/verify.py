@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ruamel.yaml import YAML
 
@@ -75,7 +76,7 @@ def verify(args: argparse.Namespace) -> int:
 
 def read_claim(store: str, ref: str) -> Claim:
     """The run `ref` names, and what it recorded; a run that cannot be verified is one line saying why."""
-    tracking.require_store(store, "verify")
+    tracking.require_store(store, f"run {ref}")
     import mlflow.exceptions  # only once there is a store: the refusal above stays quick
     from mlflow.tracking import MlflowClient
 
@@ -99,7 +100,8 @@ def read_claim(store: str, ref: str) -> Claim:
         if dirty != "false":
             why = "the code differed from it" if dirty == "true" else "whether the code differed from it is unknown"
             raise DataError(f"{label} cannot be verified: it ran at commit {commit[:12]}, but {why}")
-        with tempfile.TemporaryDirectory(prefix="verify-params-") as tmp:
+        quiet = mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+        with tempfile.TemporaryDirectory(prefix="verify-params-") as tmp, quiet:
             try:
                 params = Path(client.download_artifacts(run.info.run_id, record.PARAMS_ARTIFACT, tmp)).read_bytes()
             except mlflow.exceptions.MlflowException as e:

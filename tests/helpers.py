@@ -185,3 +185,11 @@ def clone(src: Path, dest: Path) -> Path:
                     (new, len(old) + 1, len(old), old),
                 )
     return dest
+
+
+def lock_outputs(repo: Path) -> dict[str, str]:
+    """Output path -> md5 in a repository's dvc.lock, as DVC wrote it; a folder's is the md5 of its listing (`.dir`)."""
+    from ruamel.yaml import YAML
+
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}

@@ -14,14 +14,16 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow.tracking import MlflowClient
 from ruamel.yaml import YAML
 
-from pipeline import numerics
-from tests.helpers import REPO, pipeline_env
+from pipeline import numerics, tracking
+from tests.helpers import REPO, clone, lock_outputs, pipeline_env
 
 pytestmark = [
     pytest.mark.system,
@@ -29,6 +31,7 @@ pytestmark = [
 ]
 
 MODELS = {"Haswell": "Intel Haswell, AVX2, no AVX-512", "EPYC-Rome": "AMD Zen 2, AVX2"}
+VERIFIED = "Haswell"  # here the defaults run as `make verify CPU=Haswell` rebuilds a run made natively
 # Every code path whose kernels a CPU could choose: several features, momentum, mini-batches, Adam, float64,
 # the three methods, data away from 0, and the compiled step (forced on: at the sizes where `auto` compiles,
 # an emulated CPU would take hours).
@@ -74,29 +77,51 @@ def start(out: Path, runs: list[str], cpu: str | None) -> subprocess.Popen[bytes
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+@dataclass(frozen=True)
+class Emulated:
+    md5s: dict[str, dict[str, dict[str, str]]]  # {"native" or a model: {config: {output path: md5}}}
+    verified: subprocess.CompletedProcess[str]  # `pipeline.verify --cpu VERIFIED` of the reproduced repository's run
+    recorded: dict[str, str]  # that run's outputs' md5s as it recorded them
+
+
 @pytest.fixture(scope="module")
-def md5s(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, dict[str, str]]]]:
-    """{"native" or a model: {config: {output path: md5}}}; the emulated CPUs run side by side (~2 min)."""
+def emulation(tmp_path_factory: pytest.TempPathFactory, reproduced: Path) -> Iterator[Emulated]:
+    """The stages natively and under the emulated CPUs, and one verification, all side by side (~2 min)."""
     if shutil.which("qemu-x86_64") is None:
         message = "qemu-x86_64 is missing: make qemu (apt-get install qemu-user)"
         pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     tmp = tmp_path_factory.mktemp("cpus")
     files = params_files(tmp)
     # Natively every stage of each configuration but the defaults (test_pipeline_e2e's: the reproduced repository
-    # against dvc.lock); emulated, evaluate only where EVALUATED says.
+    # against dvc.lock); emulated, evaluate only where EVALUATED says, and the defaults on VERIFIED through verify.
     native = [str(f) for f in files if f.stem != "defaults"]
-    emulated = [str(f) if f.stem in EVALUATED else f"{f}:generate,train" for f in files]
-    runs = {"native": start(tmp / "native", native, None)} | {cpu: start(tmp / cpu, emulated, cpu) for cpu in MODELS}
+    runs = {"native": start(tmp / "native", native, None)}
+    for cpu in MODELS:
+        listed = [f for f in files if cpu != VERIFIED or f.stem != "defaults"]
+        runs[cpu] = start(tmp / cpu, [str(f) if f.stem in EVALUATED else f"{f}:generate,train" for f in listed], cpu)
+    repo = clone(reproduced, tmp / "verified")
+    client = MlflowClient(tracking.default_uri(repo))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    verify = ["nice", "-n", "5", sys.executable, "-m", "pipeline.verify", run.info.run_id, "--cpu", VERIFIED]
+    verifying = subprocess.Popen(verify, cwd=repo, env=pipeline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for name, process in runs.items():
         if process.wait(timeout=900) != 0:
             pytest.fail(f"{name}: {(tmp / f'{name}.log').read_text()[-3000:]}")
-    yield {name: json.loads((tmp / name / "md5.json").read_text()) for name in runs}
+    out, err = verifying.communicate(timeout=900)
+    verified = subprocess.CompletedProcess(verify, verifying.returncode, out.decode(), err.decode())
+    recorded = {k.removeprefix("outs/"): v for k, v in run.data.tags.items() if k.startswith("outs/")}
+    yield Emulated({name: json.loads((tmp / name / "md5.json").read_text()) for name in runs}, verified, recorded)
 
 
-def locked_md5s() -> dict[str, str]:
-    """Output path -> md5 in the committed dvc.lock; a folder's is DVC's md5 of its listing (`.dir`)."""
-    lock = YAML(typ="safe").load((REPO / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+def test_a_run_made_natively_verifies_under_an_emulated_cpu(emulation: Emulated) -> None:
+    # make verify CPU=Haswell: the reproduced repository's run, rebuilt from its commit by DVC under the emulated
+    # CPU, has every md5 the run recorded natively; and those are the committed dvc.lock's.
+    out = emulation.verified
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("data/")]
+    assert {row[0]: row[1:] for row in rows} == {p: [m, m, "same"] for p, m in emulation.recorded.items()}
+    assert f"under an emulated {VERIFIED}" in out.stdout
+    assert emulation.recorded == lock_outputs(REPO), "the defaults' bytes are not the committed dvc.lock's"
 
 
 def dir_md5(files: dict[str, str], folder: str) -> str:
@@ -109,22 +134,18 @@ def dir_md5(files: dict[str, str], folder: str) -> str:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-@pytest.mark.parametrize("cpu", MODELS)
-def test_the_defaults_write_the_bytes_the_committed_lock_records(
-    md5s: dict[str, dict[str, dict[str, str]]], cpu: str
-) -> None:
-    got = md5s[cpu]["defaults"]
-    for path, md5 in locked_md5s().items():
+@pytest.mark.parametrize("cpu", [cpu for cpu in MODELS if cpu != VERIFIED])
+def test_the_defaults_write_the_bytes_the_committed_lock_records(emulation: Emulated, cpu: str) -> None:
+    got = emulation.md5s[cpu]["defaults"]
+    for path, md5 in lock_outputs(REPO).items():
         actual = got[path] if path in got else dir_md5(got, path)
         assert actual == md5, f"{cpu} ({MODELS[cpu]}): {path} differs from dvc.lock"
 
 
 @pytest.mark.parametrize("cpu", MODELS)
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c != "defaults"])
-def test_every_configuration_writes_the_same_bytes_as_natively(
-    md5s: dict[str, dict[str, dict[str, str]]], cpu: str, config: str
-) -> None:
-    native, emulated = md5s["native"][config], md5s[cpu][config]
+def test_every_configuration_writes_the_same_bytes_as_natively(emulation: Emulated, cpu: str, config: str) -> None:
+    native, emulated = emulation.md5s["native"][config], emulation.md5s[cpu][config]
     assert emulated.keys() <= native.keys() and "data/model/model.safetensors" in emulated, sorted(emulated)
     assert config not in EVALUATED or emulated.keys() == native.keys(), f"{config}: evaluate wrote nothing"
     differ = sorted(p for p in emulated if emulated[p] != native[p])

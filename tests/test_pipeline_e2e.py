@@ -57,7 +57,7 @@ def test_learned_weight_within_tolerance_of_truth_and_closed_form(reproduced: Pa
     assert test_loss.iloc[-1] > 1.2 * loss.iloc[-1] and test_loss.iloc[-1] == pytest.approx(test_loss.iloc[-2])
 
 
-def test_one_finished_mlflow_run_with_params_series_and_artifacts(reproduced: Path) -> None:
+def test_one_finished_mlflow_run_with_params_series_and_artifacts(reproduced: Path, tmp_path: Path) -> None:
     cfg = config.load(reproduced / "params.yaml")
     client, exp_id = store(reproduced)
     runs = client.search_runs([exp_id])
@@ -96,9 +96,14 @@ def test_one_finished_mlflow_run_with_params_series_and_artifacts(reproduced: Pa
     c = json.loads((reproduced / "data/metrics/train.json").read_text())["convergence"]
     note = run.data.tags["mlflow.note.content"]
     assert f"after **{c['observed_epochs']}** epochs (theory: at most {c['predicted_epochs']})" in note
-    assert f"The same bytes again: `git checkout {commit}`, then `dvc repro`." in note
+    assert (
+        f"The same bytes again: `git checkout {commit}`, then `dvc repro`; `make verify RUN={run.info.run_id}`" in note
+    )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"trajectory.csv", "metrics.json", "train.json", "plots"} <= artifacts
+    assert {"trajectory.csv", "metrics.json", "train.json", "plots", "params.yaml"} <= artifacts
+    # What `make verify` rebuilds from (tests/test_verify.py): the params file, byte for byte.
+    logged = Path(client.download_artifacts(run.info.run_id, "params.yaml", str(tmp_path)))
+    assert logged.read_bytes() == (reproduced / "params.yaml").read_bytes()
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/landscape.png", "plots/convergence.png"} <= plots
     t = json.loads((reproduced / "data/metrics/train.json").read_text())

@@ -78,7 +78,8 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(repo: Path, tmp_p
         assert r.info.run_name == f"{r.data.tags['dvc_exp_name']} {set_here[r.data.params['train.lr']]}"
     for r in runs:  # each says how to get it back; its files sit beside the store, not in DVC's temporary copy
         exp = r.data.tags["dvc_exp_name"]
-        assert f"The same bytes again: `dvc exp apply {exp}`." in r.data.tags["mlflow.note.content"]
+        again = f"The same bytes again: `dvc exp apply {exp}`; `make verify RUN={r.info.run_id}` rebuilds every output"
+        assert again in r.data.tags["mlflow.note.content"]
         assert r.info.artifact_uri.startswith((repo / "mlruns" / "artifacts").as_uri())
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db")), "a stray store inside DVC's temporary copy"
     # @champion in a sweep: each model is a version; lr 0.01 stops short of the closed form in 100 epochs and fails
@@ -91,6 +92,11 @@ def test_a_queued_sweep_lands_in_one_store_tagged_as_one_sweep(repo: Path, tmp_p
     assert version["0.1"].tags["gate"] == version["0.2"].tags["gate"] == "passed"
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.version in {version["0.1"].version, version["0.2"].version}
+    # A sweep's run rebuilds from its baseline commit and the params its experiment set, named as `dvc exp show` does.
+    swept = next(r for r in runs if r.data.params["train.lr"] == "0.2")
+    exp = swept.data.tags["dvc_exp_name"]
+    out = sh(repo, "make", "-o", ".venv/.installed", "-o", "web/dvc-plots.html", "verify", f"RUN={exp}").stdout
+    assert f"same: 8 of 8 outputs of run {swept.info.run_id}" in out, out
     # In the UI: the three runs side by side, a weight and a loss curve each, named after their experiments.
     with mlflow_server(tmp_path / "ui", backend=tracking.default_uri(repo)) as url:
         page = browser.metric_page(url, experiment.experiment_id, [r.info.run_id for r in runs], ["weight", "loss"])

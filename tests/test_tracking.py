@@ -149,6 +149,29 @@ def test_under_dvc_exp_the_run_is_named_after_the_experiment_and_the_params_it_c
     assert record.run_name(config.load("params.yaml")) == "gawsy-taro (params as committed)"
 
 
+def test_a_run_is_dirty_when_its_code_differs_from_the_commit_not_its_params(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, text in (("params.yaml", "a: 1\n"), ("dvc.lock", "x\n"), ("code.py", "x = 1\n")):
+        (tmp_path / name).write_text(text)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "base"], check=True)
+
+    def dirty() -> str:
+        return record.provenance_tags("train", "params.yaml")["git_dirty"]
+
+    assert dirty() == "false"
+    # The run logs the params file whole (pipeline.verify rebuilds from it), and `dvc repro` rewrites dvc.lock.
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    (tmp_path / "dvc.lock").write_text("y\n")
+    assert dirty() == "false"
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert dirty() == "true"
+
+
 def test_importing_the_package_turns_mlflow_telemetry_off_unless_the_user_turned_it_on() -> None:
     # A fresh interpreter each time: this one imported the package long ago.
     code = "import os, pipeline.record as r; print(os.getenv('MLFLOW_DISABLE_TELEMETRY'), *r.telemetry_tags().values())"
