@@ -8,6 +8,8 @@ P3 throughput:   time per epoch of the nn five-step loop / one torch pass comput
 P4 memory:       peak RSS of each stage (its whole process tree) at N = 1e8 / the float32 data (x and y, 0.8 GB).
 P5 scaling:      each stage's wall time per sample at N = 1e8 / the same at N = 1e6.
 R cost:          P1, and P3 at 1e6 and 1e7, with the portable numerics / with PIPELINE_NUMERICS=native.
+V verify:        `python -m pipeline.verify` of the default run (make verify) / its rebuild alone, `dvc repro --force`
+                 with tracking off: what finding the run, checking out its commit and comparing add. A figure to read.
 Load:            8 writers logging at once into the team server (tests/load.py), where PostgreSQL is installed:
                  their points per second / one writer's alone, and the p99 of one 1000-point log_batch / the
                  median alone. Figures to read, not targets.
@@ -23,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -76,6 +79,15 @@ def p1(repo: Path, n: int) -> tuple[float, float]:
         times.append(run(repo, "dvc", "repro"))
     set_param(repo, "train.lr", "0.1")
     return statistics.median(times), floor
+
+
+def verify_row(repo: Path, n: int) -> tuple[float, float]:
+    """make verify of the run the first `dvc repro` made, and the same stages rebuilt in place with tracking off."""
+    with contextlib.closing(sqlite3.connect(repo / "mlruns" / "mlflow.db")) as db:
+        (run_id,) = db.execute("SELECT run_uuid FROM runs ORDER BY start_time LIMIT 1").fetchone()
+    verify = median(lambda: run(repo, sys.executable, "-m", "pipeline.verify", run_id), n)
+    rebuild = median(lambda: run(repo, "dvc", "repro", "--force", "--no-commit", PIPELINE_TRACKING="off"), n)
+    return verify, rebuild
 
 
 def train_cmd(out: Path) -> list[str]:
@@ -312,7 +324,7 @@ def timed(f: Callable[[], object]) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45", "numerics", "load"], action="append")
+    parser.add_argument("--only", choices=["p1", "p2", "p3", "p45", "numerics", "verify", "load"], action="append")
     parser.add_argument("--p3-json", action="store_true", help=argparse.SUPPRESS)  # numerics_cost's subprocess
     parser.add_argument(
         "--large", type=float, default=1e8, help="the large N of P4/P5 (1e8; smaller to try it quickly)"
@@ -321,12 +333,15 @@ def main() -> int:
     if args.p3_json:
         print(json.dumps({n: r[0] for n, r in p3([1_000_000, 10_000_000], 20).items()}))
         return 0
-    only = set(args.only or ["p1", "p2", "p3", "p45", "numerics", "load"])
+    only = set(args.only or ["p1", "p2", "p3", "p45", "numerics", "verify", "load"])
     rows: list[tuple[str, str, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         repo = copy_repo(tmp / "repo")
         run(repo, "dvc", "repro")  # the data, the store and DVC's caches, before anything is timed
+        if "verify" in only:  # first: the run to verify is the defaults', and P1 edits params.yaml
+            verify, rebuild = verify_row(repo, args.repeats)
+            verified = ("V verify", f"make verify {verify:.2f} s / its rebuild alone {rebuild:.2f} s", verify / rebuild)
         if "p1" in only:
             t, floor = p1(repo, args.repeats)
             rows.append(
@@ -439,6 +454,8 @@ def main() -> int:
                 "<=",
             ),
         ]
+    if "verify" in only:
+        rows.append((*verified, float("nan"), "<="))
     print(f"machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{'target':<26} {'ratio':>7} {'goal':>6}  {'met':<4} measured")
     for name, what, ratio, goal, _ in rows:

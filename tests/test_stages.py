@@ -256,7 +256,8 @@ def test_divergence_demonstration_fails_the_run_and_keeps_its_trajectory(
     run = only_run(tracked)
     assert run.info.status == "FAILED"
     client = MlflowClient(tracking.default_uri(tracked))
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["trajectory.csv"]
+    # The params file, logged before the first step, and the trajectory up to the failure.
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["params.yaml", "trajectory.csv"]
     assert len(client.get_metric_history(run.info.run_id, "loss")) > 10
 
 

@@ -61,6 +61,9 @@ def test_the_pipeline_logs_into_a_team_server_on_postgresql(tmp_path: Path, monk
         m = json.loads((repo / "data/metrics/metrics.json").read_text())
         got = model.predict(pd.DataFrame({"x": [2.0]}))
         assert got[0] == pytest.approx(2.0 * m["weight"]["learned"] + m["bias"]["learned"], rel=1e-6)
+        # `make verify` finds the run on the server and reads its params file through the server's artifacts.
+        out = sh(repo, "python", "-m", "pipeline.verify", run_id, env=pipeline_env(MLFLOW_TRACKING_URI=uri)).stdout
+        assert f"same: 8 of 8 outputs of run {run_id}" in out, out
         # And the rows are in PostgreSQL itself, not in some file beside the server.
         with psycopg.connect(database) as connection:
             assert connection.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone() == (1,)
