@@ -84,6 +84,7 @@ def summarise(args: argparse.Namespace) -> None:
     experiment_id, run_id, model_id, champion = found
     print(f"MLflow run {run_id} (experiment {cfg.tracking.experiment!r}) in {uri}")
     print(f"browse it: make ui, then {UI_URL}/#/experiments/{experiment_id}/runs/{run_id}?{UI_MODE}")
+    print(f"check its bytes: make verify RUN={run_id}")
     if model_id is not None:
         print(f"load its model: mlflow.pyfunc.load_model('models:/{model_id}'), with MLFLOW_TRACKING_URI={uri}")
     if registered is not None and champion is None:

@@ -43,12 +43,13 @@ STAGE_STARTS = re.compile(r"^Running stage '([^']+)':")  # how `dvc repro` annou
 
 @dataclass(frozen=True)
 class Claim:
-    """What a run says it made: from which commit, with which params file, and each output's md5."""
+    """What a run says it made: from which commit, with which params file and numerics, and each output's md5."""
 
     run_id: str
     name: str
     commit: str
     params: bytes
+    numerics: str  # portable, or native: the machine's own kernels (pipeline/numerics.py)
     outputs: dict[str, str]
 
 
@@ -62,7 +63,7 @@ def verify(args: argparse.Namespace) -> int:
     with checkout(root, claim.commit, args.keep) as folder:
         (folder / record.PARAMS_ARTIFACT).write_bytes(claim.params)
         warn_about_packages(folder)
-        rebuilt = rebuild(folder, args.cpu)
+        rebuilt = rebuild(folder, claim.numerics, args.cpu)
     rows = compare(claim.outputs, rebuilt)
     print(table(rows))
     same = sum(r[3] == "same" for r in rows)
@@ -108,7 +109,7 @@ def read_claim(store: str, ref: str) -> Claim:
                 raise DataError(f"{label} has no {record.PARAMS_ARTIFACT} artifact: {first_line(e)}") from None
     except mlflow.exceptions.MlflowException as e:  # the store's own words, in one line
         raise DataError(f"MLflow store {store}: {first_line(e)}") from None
-    return Claim(run.info.run_id, run.info.run_name, commit, params, outputs)
+    return Claim(run.info.run_id, run.info.run_name, commit, params, tags.get("numerics", "portable"), outputs)
 
 
 def find_run(client: Any, ref: str, store: str) -> Any:
@@ -195,12 +196,12 @@ def warn_about_packages(folder: Path) -> None:
         )
 
 
-def rebuild(folder: Path, cpu: str | None) -> dict[str, str]:
-    """`dvc repro --force` in `folder`, tracking off, each stage announced as it starts; then the rebuilt dvc.lock's
-    output md5s. The stages' `python` is this one, or it under qemu-x86_64 -cpu `cpu`."""
+def rebuild(folder: Path, numerics: str, cpu: str | None) -> dict[str, str]:
+    """`dvc repro --force` in `folder`, tracking off and the run's numerics, each stage announced as it starts; then
+    the rebuilt dvc.lock's output md5s. The stages' `python` is this one, or it under qemu-x86_64 -cpu `cpu`."""
     bin_dir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env |= {"PIPELINE_TRACKING": "off", "DVC_SITE_CACHE_DIR": str(folder.parent / "dvc-site")}
+    env |= {"PIPELINE_TRACKING": "off", "PIPELINE_NUMERICS": numerics, "DVC_SITE_CACHE_DIR": str(folder.parent / "dvc")}
     paths = [str(bin_dir), env.get("PATH", "")]
     if cpu is not None:
         if shutil.which("qemu-x86_64") is None:
@@ -227,8 +228,9 @@ def rebuild(folder: Path, cpu: str | None) -> dict[str, str]:
     if process.returncode != 0:
         sys.stderr.writelines(f"  | {line}" for line in log[-20:])
         raise Rebuild(f"the rebuild failed in stage {stage} (exit status {process.returncode}); DVC's last lines above")
-    lock = YAML(typ="safe").load((folder / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for s in lock["stages"].values() for o in s.get("outs", [])}
+    lock = folder / "dvc.lock"  # none when the commit has no stage
+    stages = YAML(typ="safe").load(lock.read_text())["stages"] if lock.is_file() else {}
+    return {o["path"]: o["md5"] for s in stages.values() for o in s.get("outs", [])}
 
 
 class Rebuild(PipelineError):

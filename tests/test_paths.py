@@ -134,6 +134,7 @@ def test_the_summary_points_at_the_run_and_the_model_the_store_holds(reproduced:
     assert f"MLflow run {run} (experiment 'linear-regression') in sqlite:///{db}" in lines
     ui = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}?workflowType=machine_learning"
     assert f"browse it: make ui, then {ui}" in lines
+    assert f"check its bytes: make verify RUN={run}" in lines
     assert any(line.startswith(f"load its model: mlflow.pyfunc.load_model('models:/{model}')") for line in lines)
     # A store that does not exist: the summary says so, and makes none.
     absent = f"sqlite:///{tmp_path / 'absent.db'}"

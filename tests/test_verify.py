@@ -79,9 +79,12 @@ def test_a_run_from_an_older_commit_verifies_with_that_commits_code(repo: Path, 
 
 @pytest.fixture
 def claims(project: Path) -> tuple[Path, dict[str, str]]:
-    """A git repository with a store, and runs that claim outputs but cannot be verified, one per reason:
-    {reason: run ID}. Made by hand, as no stage would make most of them."""
-    for args in (("init", "-q"), ("add", "dvc.yaml"), ("commit", "-qm", "first")):
+    """A DVC repository with a store and one stage, which fails, and runs made by hand, as no stage would make
+    most of them: {reason: run ID} for each reason a run cannot be verified, and "verifiable", which can."""
+    (project / "dvc.yaml").write_text("stages:\n  broken:\n    cmd: python -c 'raise SystemExit(3)'\n")
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("[core]\n    analytics = false\n")
+    for args in (("init", "-q"), ("add", "dvc.yaml", ".dvc/config"), ("commit", "-qm", "first")):
         subprocess.run(["git", *args], cwd=project, env=pipeline_env(), check=True, capture_output=True)
     commit = sh(project, "git", "rev-parse", "HEAD").stdout.strip()
     (project / "params.yaml").write_text("generate: {}\n")
@@ -96,6 +99,7 @@ def claims(project: Path) -> tuple[Path, dict[str, str]]:
         ("dirty", "FINISHED", good | {"git_dirty": "true"}, True),
         ("no params", "FINISHED", good, False),
         ("not here", "FINISHED", good | {record.GIT_COMMIT_TAG: "f" * 40}, True),
+        ("verifiable", "FINISHED", good, True),
     ):
         run = client.create_run(experiment, run_name=reason, tags={k: v for k, v in tags.items() if v}).info.run_id
         if params:
@@ -140,8 +144,8 @@ def test_what_cannot_be_verified_is_one_line_and_exit_2_changing_nothing(
         assert len(err) == 1 and err[0].startswith("error: verify: "), err
         return err[0]
 
-    for reason, run in runs.items():
-        assert WHY[reason].format(short=short) in refused(run), reason
+    for reason, why in WHY.items():
+        assert why.format(short=short) in refused(runs[reason]), reason
     assert "no run with ID, name or DVC experiment name 'nosuch' in the MLflow store" in refused("nosuch")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     assert "is not reachable" in refused(runs["dirty"])
@@ -155,3 +159,24 @@ def test_the_table_lists_each_output_once_in_the_rebuilt_locks_order() -> None:
     lines = verify.table(rows).splitlines()
     assert lines[0].split() == ["output", "recorded", "md5", "rebuilt", "md5"] and len(lines) == 4
     assert len({line.index(line.split()[1]) for line in lines[1:]}) == 1, "the columns line up"
+
+
+@pytest.mark.stage
+def test_a_rebuild_that_fails_is_a_difference_and_leaves_nothing(
+    claims: tuple[Path, dict[str, str]],
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    project, runs = claims
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tmp = tmp_path_factory.mktemp("tmp")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    status = sh(project, "git", "status", "--porcelain").stdout
+    assert verify.main([runs["verifiable"]]) == 1
+    err = capsys.readouterr().err  # DVC's last lines, then the error
+    assert "rebuilding stage broken" in caplog.text and "ERROR: failed to reproduce 'broken'" in err, err
+    assert err.strip().splitlines()[-1].startswith("error: verify: the rebuild failed in stage broken (exit status")
+    assert not list(tmp.glob("verify-*")) and sh(project, "git", "status", "--porcelain").stdout == status
