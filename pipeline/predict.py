@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from unittest import mock
 
 import numpy as np
 
@@ -69,11 +67,11 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
 
     # Through the variable, for this call only: MLflow looks a logged model's ID up in the default store whatever
     # download_artifacts is given, and without it that is a new mlflow.db in this folder.
-    # Put back afterwards (mock.patch.dict): a caller in this process (a test, a notebook) keeps its own settings.
     settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            with mock.patch.dict(os.environ, settings), store_lock(store):  # an older store's first use migrates it
+            # An older store's first use migrates it: store_lock.
+            with tracking.mlflow_settings(settings), store_lock(store):
                 local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
         except Exception as e:  # MLflow's own words for what it could not find, in one line
             raise DataError(f"{uri}: cannot be read from the MLflow store {store}: {first_line(e)}") from None

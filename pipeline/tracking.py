@@ -80,6 +80,22 @@ def require_store(uri: str, subject: str) -> None:
     check_reachable(uri)
 
 
+@contextmanager
+def mlflow_settings(settings: Mapping[str, str]) -> Iterator[None]:
+    """Environment variables MLflow reads, set for this block only: a caller in this process (a test, a notebook)
+    keeps its own."""
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def connect(experiment: str, root: Path | None = None, enabled: bool = True) -> Tracker:
     """A Tracker whose worker is starting already. enabled=False (a torchrun rank but 0) or PIPELINE_TRACKING=off:
     the calls go nowhere, for machines without a store and for timing what tracking costs (benchmarks/bench.py)."""

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from ruamel.yaml import YAML
 
@@ -101,7 +100,7 @@ def read_claim(store: str, ref: str) -> Claim:
         if dirty != "false":
             why = "the code differed from it" if dirty == "true" else "whether the code differed from it is unknown"
             raise DataError(f"{label} cannot be verified: it ran at commit {commit[:12]}, but {why}")
-        quiet = mock.patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+        quiet = tracking.mlflow_settings({"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
         with tempfile.TemporaryDirectory(prefix="verify-params-") as tmp, quiet:
             try:
                 params = Path(client.download_artifacts(run.info.run_id, record.PARAMS_ARTIFACT, tmp)).read_bytes()
