@@ -190,17 +190,19 @@ def description(
         rows.append(f"| {n} | {v['true']:.6g} | {v['learned']:.6g} | {v['closed_form']:.6g} | {gap[n]:.3g} | {error} |")
     c, test = report["convergence"], metrics["test"]
     tags = provenance_tags("evaluate", params_file)
-    commit, experiment, dirty = tags.get(GIT_COMMIT_TAG), tags.get(DVC_EXP_TAG), tags.get("git_dirty") != "false"
+    commit, experiment, dirty = tags.get(GIT_COMMIT_TAG), tags.get(DVC_EXP_TAG), tags.get("git_dirty")
     if experiment:
         again = f"`dvc exp apply {experiment}`"
     elif commit:
-        again = f"`git checkout {commit}`, then `dvc repro`" + (" (the code differed from it)" if dirty else "")
+        again = f"`git checkout {commit}`, then `dvc repro`" + (
+            " (the code differed from it)" if dirty == "true" else ""
+        )
     else:
         again = "`dvc repro` with the same params.yaml (no git commit was recorded)"
-    if commit and not dirty:
+    if commit and dirty == "false":
         check = f"`make verify RUN={THIS_RUN}` rebuilds every output from that commit and compares their md5s"
     else:
-        check = "it cannot be verified: its code is not a commit"
+        check = "`make verify` cannot check it: that needs a commit that holds all of its code"
     return "\n".join(
         [
             *rows,

@@ -195,6 +195,8 @@ def test_two_features_mini_batches_and_numpy_run_end_to_end(tracked: Path) -> No
     # Mini-batches: not within the tolerance at the end, and no theoretical bound (plain full-batch descent only).
     assert report["convergence"]["observed_epochs"] is None and report["convergence"]["predicted_epochs"] is None
     assert "**not reached** in the epochs run (theory gives no bound: it bounds plain full-batch descent" in note
+    # Outside a git repository there is no commit to rebuild from, and the note does not offer `make verify`.
+    assert "no git commit was recorded); `make verify` cannot check it: that needs a commit" in note
     # make repro's summary says so in the same words, not "after None epochs (theory: None)".
     closing = summary.table(m, report)
     tol = report["convergence"]["tolerance"]
