@@ -18,7 +18,7 @@ from pipeline import cli, config, data, record, theory, tracking
 from pipeline.config import GenerateParams
 from pipeline.data import weight_names
 from pipeline.errors import DataError, first_line
-from pipeline.io import md5_file, write_bytes_atomic, write_text_atomic
+from pipeline.io import md5_dir, md5_file, write_bytes_atomic, write_text_atomic
 from pipeline.theory import LineFit
 
 
@@ -221,8 +221,11 @@ def evaluate(args: argparse.Namespace) -> None:
         write_outputs(args, metrics, curve_csv(trajectory["epoch"], test_loss, "test_loss"), pngs)
 
         # Add to the run that trained this model; a store that never saw it (another URI) gets a run of its own.
-        model_md5, data_md5 = md5_file(args.model), md5_file(args.train_data)
-        tested = record.dataset(args.test_data, md5_file(args.test_data), test.moments.n, k, name="test")
+        model_md5, data_md5, test_md5 = md5_file(args.model), md5_file(args.train_data), md5_file(args.test_data)
+        tested = record.dataset(args.test_data, test_md5, test.moments.n, k, name="test")
+        # Each output's md5 as dvc.lock records it, for `make verify` to compare with a rebuild.
+        written = {args.metrics: md5_file(args.metrics), args.test_loss: md5_file(args.test_loss)}
+        outputs = {args.test_data: test_md5, **written, args.plots: md5_dir(args.plots)}
         with tracker.run(record.run_name(cfg), attach_to_model=model_md5, tags_if_new=record.evaluate_tags(cfg.source)):
             scores = record.eval_metrics(metrics, sklearn_gap)
             tracker.log_metrics({key: v for key, v in scores.items() if key not in record.MODEL_METRICS})
@@ -232,7 +235,7 @@ def evaluate(args: argparse.Namespace) -> None:
             note = record.description(metrics, report, data_md5, model_md5, verdict.reasons, cfg.source)
             tracker.describe(note)
             tracker.set_tags({record.GATE_TAG: record.gate_verdict(verdict.reasons)})
-            tracker.set_tags(record.output_tags([args.test_data, args.metrics, args.test_loss, args.plots]))
+            tracker.set_tags(record.output_tags(outputs))
             if cfg.tracking.registered_model is not None:
                 tracker.crown(cfg.tracking.registered_model, verdict.reasons)
             tracker.log_artifact(args.metrics)

@@ -54,8 +54,3 @@ def md5_dir(path: str | Path) -> str:
     files = sorted((f for f in root.rglob("*") if f.is_file()), key=lambda f: f.relative_to(root).parts)
     listing = [{"md5": md5_file(f), "relpath": f.relative_to(root).as_posix()} for f in files]
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
-
-
-def md5_output(path: str | Path) -> str:
-    """A stage output's hash as dvc.lock records it: a file's md5, or a folder's md5_dir."""
-    return md5_dir(path) if Path(path).is_dir() else md5_file(path)

@@ -32,7 +32,6 @@ import numpy as np
 
 from pipeline import config, data, numerics
 from pipeline.errors import ConfigError
-from pipeline.io import md5_output
 
 DVC_EXP_TAG = "dvc_exp_name"  # the DVC experiment a run was made under
 MODEL_TAG = "model_md5"  # the tag that ties evaluate to the run train created: set last, on a complete run
@@ -114,16 +113,12 @@ def evaluate_tags(params_file: str) -> dict[str, str]:
     return provenance_tags("evaluate", params_file) | numerics.tags() | telemetry_tags()
 
 
-def output_tags(paths: list[str]) -> dict[str, str]:
-    """`outs/<path>`: md5 for each output, its path from the stage's folder (the repository root, where DVC runs it)
-    as dvc.lock writes it; one outside that folder is not DVC's, and is left out."""
-    tags = {}
+def output_tags(md5s: Mapping[str, str]) -> dict[str, str]:
+    """{path: md5} of outputs as tags `outs/<path>`, each path from the stage's folder (the repository root, where DVC
+    runs it) as dvc.lock writes it; one outside that folder is not DVC's, and is left out."""
     here = Path.cwd().resolve()
-    for path in paths:
-        full = Path(path).resolve()
-        if full.is_relative_to(here):
-            tags[OUTS_TAG + full.relative_to(here).as_posix()] = md5_output(full)
-    return tags
+    full = {Path(path).resolve(): md5 for path, md5 in md5s.items()}
+    return {OUTS_TAG + p.relative_to(here).as_posix(): md5 for p, md5 in full.items() if p.is_relative_to(here)}
 
 
 def telemetry_tags(environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -82,7 +82,9 @@ def log_start(
     """What the run records before training (a run cut short keeps it): its tags, params, input, step 0."""
     cli.log.debug("method %s on %s, %d process(es), compiled: %s", cfg.train.method, place.device, place.size, compiled)
     data_md5 = md5_file(source)
-    tracker.set_tags(record.train_tags(data_md5, cfg.tracking.sweep, cfg.source))
+    tracker.set_tags(
+        record.train_tags(data_md5, cfg.tracking.sweep, cfg.source) | record.output_tags({source: data_md5})
+    )
     tracker.log_artifact(cfg.source, name=record.PARAMS_ARTIFACT)
     tracker.expect_model()  # the worker prepares for log_model while this process trains
     tracker.log_params(record.train_params(cfg, init, len(table), compiled, place.device, place.size))
@@ -177,9 +179,11 @@ def log_result(
     columns = data.feature_columns(table.n_features)
     example = table.X[: record.EXAMPLE_ROWS]
     tracker.log_model(args.model, columns, example, cfg.tracking.registered_model, step=cfg.train.epochs)
-    tracker.set_tags(record.output_tags([args.data, args.model, args.trajectory, args.metrics]))
+    model_md5 = md5_file(args.model)
+    written = {args.model: model_md5, args.trajectory: md5_file(args.trajectory), args.metrics: md5_file(args.metrics)}
+    tracker.set_tags(record.output_tags(written))
     # evaluate finds this run by the model's hash: set last, the tag marks a complete run.
-    tracker.set_tags({record.MODEL_TAG: md5_file(args.model)})
+    tracker.set_tags({record.MODEL_TAG: model_md5})
 
 
 def summarise(report: dict[str, Any], parameters: Any) -> None:

@@ -193,6 +193,12 @@ def warn_about_packages(folder: Path) -> None:
         )
 
 
+class Rebuild(PipelineError):
+    """The run's commit and params did not rebuild: that is a difference (exit 1), not an unusable run."""
+
+    exit_status = 1
+
+
 def rebuild(folder: Path, numerics: str, cpu: str | None) -> dict[str, str]:
     """`dvc repro --force` in `folder`, tracking off and the run's numerics, each stage announced as it starts; then
     the rebuilt dvc.lock's output md5s. The stages' `python` is this one, or it under qemu-x86_64 -cpu `cpu`."""
@@ -228,12 +234,6 @@ def rebuild(folder: Path, numerics: str, cpu: str | None) -> dict[str, str]:
     lock = folder / "dvc.lock"  # none when the commit has no stage
     stages = YAML(typ="safe").load(lock.read_text())["stages"] if lock.is_file() else {}
     return {o["path"]: o["md5"] for s in stages.values() for o in s.get("outs", [])}
-
-
-class Rebuild(PipelineError):
-    """The run's commit and params did not rebuild: that is a difference (exit 1), not an unusable run."""
-
-    exit_status = 1
 
 
 def compare(recorded: dict[str, str], rebuilt: dict[str, str]) -> list[tuple[str, str, str, str]]:

@@ -97,6 +97,8 @@ def claims(project: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch:
         ("no params", "FINISHED", good, False),
         ("not here", "FINISHED", good | {record.GIT_COMMIT_TAG: "f" * 40}, True),
         ("verifiable", "FINISHED", good, True),
+        ("twice", "FINISHED", good, True),  # two runs of one name: verify takes the newer, which is dirty
+        ("twice", "FINISHED", good | {"git_dirty": "true"}, True),
     ):
         run = client.create_run(experiment, run_name=reason, tags={k: v for k, v in tags.items() if v}).info.run_id
         if params:
@@ -141,6 +143,7 @@ def test_what_cannot_be_verified_is_one_line_and_exit_2_changing_nothing(
     for reason, why in WHY.items():
         assert why.format(short=short) in refused(runs[reason]), reason
     assert "no run with ID, name or DVC experiment name 'nosuch' in the MLflow store" in refused("nosuch")
+    assert refused("twice").startswith(f"error: verify: run {runs['twice']} (twice) cannot be verified")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     assert "is not reachable" in refused(runs["dirty"])
     assert not list(tmp.iterdir()) and listing() == before
@@ -166,3 +169,15 @@ def test_a_rebuild_that_fails_is_a_difference_and_leaves_nothing(
     assert "rebuilding stage broken" in caplog.text and "ERROR: failed to reproduce 'broken'" in err, err
     assert err.strip().splitlines()[-1].startswith("error: verify: the rebuild failed in stage broken (exit status")
     assert not list(tmp.glob("verify-*")) and sh(project, "git", "status", "--porcelain").stdout == status
+
+
+def test_packages_that_differ_from_the_commits_lock_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from importlib import metadata
+
+    torch = metadata.version("torch").split("+")[0]  # the local label (+cpu) is not part of the locked version
+    (tmp_path / "requirements.lock").write_text(f"torch=={torch}\nnumpy==0.0.1\nno-such-package==1.0\n")
+    verify.warn_about_packages(tmp_path)
+    (line,) = [r.getMessage() for r in caplog.records]
+    numpy = metadata.version("numpy")
+    assert line.startswith(f"2 installed package(s) differ from the commit's requirements.lock: numpy {numpy}"), line
+    assert "no-such-package none (locked 1.0)" in line and "torch" not in line
