@@ -49,7 +49,7 @@ def md5_file(path: str | Path) -> str:
 
 def md5_dir(path: str | Path) -> str:
     """DVC 3's hash of a folder, as dvc.lock records it: the md5 of the JSON listing of its files' md5 and path,
-    sorted by path, followed by `.dir` (tests/test_cpus.py holds it to the committed dvc.lock)."""
+    sorted by path, followed by `.dir` (tests/test_verify.py holds it to the dvc.lock that DVC writes)."""
     root = Path(path)
     files = sorted((f for f in root.rglob("*") if f.is_file()), key=lambda f: f.relative_to(root).parts)
     listing = [{"md5": md5_file(f), "relpath": f.relative_to(root).as_posix()} for f in files]

@@ -70,8 +70,7 @@ def load_logged_model(uri: str, store: str) -> torch.nn.Linear:
     settings = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            # An older store's first use migrates it: store_lock.
-            with tracking.mlflow_settings(settings), store_lock(store):
+            with tracking.mlflow_settings(settings), store_lock(store):  # an older store's first use migrates it
                 local = mlflow.artifacts.download_artifacts(uri, dst_path=tmp, tracking_uri=store, registry_uri=store)
         except Exception as e:  # MLflow's own words for what it could not find, in one line
             raise DataError(f"{uri}: cannot be read from the MLflow store {store}: {first_line(e)}") from None
